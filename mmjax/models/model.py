@@ -1,0 +1,132 @@
+"""The one composite model: image tower, text tower, fusion and heads.
+
+Which parts exist is decided by `registry.build_model` from the config; the
+forward pass computes what the configured objectives read:
+
+  image_emb, text_emb  [B, E]  unit-norm joint-space embeddings
+  logit_scale, logit_bias      scalars (temperature, SigLIP bias)
+  itm_logits [3B, 2], itm_labels [3B]       positives + hard negatives both ways
+  mlm_logits [B, L, V], mlm_targets, mlm_weights [B, L]
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mmjax.models.heads import MlmHead, l2_normalize
+from mmjax.models.layers import Dense
+
+
+def hard_negatives(sim: jax.Array, same: jax.Array, rng: jax.Array) -> jax.Array:
+  """For each row i, sample j ~ softmax(sim[i]) among columns that are not a positive.
+
+  sim [B, B] similarities; same [B, B] True where column j is a positive of row i
+  (its own pair, or a pair with identical text). A row with no negative at all
+  (a batch of one repeated caption) falls back to a uniform draw.
+  """
+  logits = jnp.where(same, -jnp.inf, jax.lax.stop_gradient(sim).astype(jnp.float32))
+  none_left = jnp.all(same, axis=1, keepdims=True)
+  logits = jnp.where(none_left, 0.0, logits)
+  return jax.random.categorical(rng, logits, axis=1)
+
+
+def mask_tokens(ids: jax.Array, mask: jax.Array, rng: jax.Array, *, prob: float,
+                mask_id: int, vocab_size: int, special_ids: tuple[int, ...]):
+  """BERT masking: pick `prob` of the real, non-special tokens; 80% -> [MASK],
+  10% -> a random token, 10% unchanged. Returns (masked ids, picked 0/1 weights)."""
+  r_pick, r_kind, r_tok = jax.random.split(rng, 3)
+  maskable = mask.astype(bool)
+  for s in special_ids:
+    maskable &= ids != s
+  picked = maskable & jax.random.bernoulli(r_pick, prob, ids.shape)
+  kind = jax.random.uniform(r_kind, ids.shape)
+  random_ids = jax.random.randint(r_tok, ids.shape, 0, vocab_size, ids.dtype)
+  new = jnp.where(kind < 0.8, mask_id, jnp.where(kind < 0.9, random_ids, ids))
+  return jnp.where(picked, new, ids), picked.astype(jnp.float32)
+
+
+class MultimodalModel(nn.Module):
+  image_tower: nn.Module | None
+  text_tower: nn.Module | None
+  fusion: nn.Module | None = None
+  embed_dim: int = 0                  # 0: no joint-space projections
+  vocab_size: int = 0
+  itm: bool = False
+  mlm: bool = False
+  mlm_prob: float = 0.15
+  mask_id: int = 4
+  special_ids: tuple[int, ...] = (0, 2, 3)
+  logit_scale_init: float = 2.6593    # log(1 / 0.07), CLIP
+  logit_bias_init: float = 0.0        # SigLIP uses -10 with scale log(10)
+  dtype: Any = jnp.float32
+
+  def setup(self):
+    if self.embed_dim:
+      self.image_proj = Dense(self.embed_dim, use_bias=False, dtype=self.dtype)
+      self.text_proj = Dense(self.embed_dim, use_bias=False, dtype=self.dtype)
+      self.logit_scale = self.param("logit_scale", nn.initializers.constant(self.logit_scale_init), ())
+      self.logit_bias = self.param("logit_bias", nn.initializers.constant(self.logit_bias_init), ())
+    if self.itm:
+      self.itm_head = Dense(2, dtype=self.dtype)
+    if self.mlm:
+      self.mlm_head = MlmHead(self.vocab_size, dtype=self.dtype)
+
+  def encode_image(self, images: jax.Array, *, train: bool = False):
+    """-> (unit embedding [B, E] or None, tower outputs)."""
+    out = self.image_tower(images, train=train)
+    emb = l2_normalize(self.image_proj(out["pooled"])) if self.embed_dim else None
+    return emb, out
+
+  def encode_text(self, ids: jax.Array, mask: jax.Array, *, train: bool = False):
+    out = self.text_tower(ids, mask, train=train)
+    emb = l2_normalize(self.text_proj(out["pooled"])) if self.embed_dim else None
+    return emb, out
+
+  def match_logits(self, image_tokens, text_tokens, text_mask, *, train: bool = False):
+    """ITM logits [B, 2] (column 1 = "matches") for aligned rows of the inputs."""
+    fused = self.fusion(text_tokens, text_mask, image_tokens, train=train)
+    return self.itm_head(fused[:, 0]).astype(jnp.float32)
+
+  def __call__(self, batch: dict[str, jax.Array], *, train: bool = False) -> dict[str, Any]:
+    batch = {k: jnp.asarray(batch[k]) for k in ("image", "text", "text_mask")}
+    out: dict[str, Any] = {}
+    img_emb, img = self.encode_image(batch["image"], train=train)
+    txt_emb, txt = self.encode_text(batch["text"], batch["text_mask"], train=train)
+    if self.embed_dim:
+      out["image_emb"], out["text_emb"] = img_emb, txt_emb
+      out["logit_scale"] = jnp.exp(jnp.minimum(self.logit_scale, jnp.log(100.0)))
+      out["logit_bias"] = self.logit_bias
+    if self.itm:
+      out.update(self._itm(batch, img_emb, img["tokens"], txt_emb, txt["tokens"], train))
+    if self.mlm:
+      out.update(self._mlm(batch, img["tokens"], train))
+    return out
+
+  def _itm(self, batch, img_emb, img_tokens, txt_emb, txt_tokens, train):
+    ids, mask = batch["text"], batch["text_mask"]
+    b = ids.shape[0]
+    # Pairs whose texts are identical are positives too: never use them as negatives.
+    same = jnp.all(ids[:, None, :] == ids[None, :, :], axis=-1) | jnp.eye(b, dtype=bool)
+    sim = img_emb @ txt_emb.T                                  # [B_img, B_txt]
+    r_txt, r_img = jax.random.split(self.make_rng("itm"))
+    neg_txt = hard_negatives(sim, same, r_txt)                 # a text for each image
+    neg_img = hard_negatives(sim.T, same.T, r_img)             # an image for each text
+    image_tokens = jnp.concatenate([img_tokens, img_tokens, img_tokens[neg_img]])
+    text_tokens = jnp.concatenate([txt_tokens, txt_tokens[neg_txt], txt_tokens])
+    text_mask = jnp.concatenate([mask, mask[neg_txt], mask])
+    logits = self.match_logits(image_tokens, text_tokens, text_mask, train=train)
+    labels = jnp.concatenate([jnp.ones(b, jnp.int32), jnp.zeros(2 * b, jnp.int32)])
+    return {"itm_logits": logits, "itm_labels": labels,
+            "itm_neg_text": neg_txt, "itm_neg_image": neg_img}
+
+  def _mlm(self, batch, img_tokens, train):
+    ids, mask = batch["text"], batch["text_mask"]
+    masked, weights = mask_tokens(ids, mask, self.make_rng("mlm"), prob=self.mlm_prob,
+                                  mask_id=self.mask_id, vocab_size=self.vocab_size,
+                                  special_ids=self.special_ids)
+    txt = self.text_tower(masked, mask, train=train)
+    fused = self.fusion(txt["tokens"], mask, img_tokens, train=train)
+    return {"mlm_logits": self.mlm_head(fused), "mlm_targets": ids, "mlm_weights": weights}

@@ -1,0 +1,96 @@
+"""Named sizes and `build_model(config)`.
+
+A tower's `variant` is "<size>[/<patch>]" (e.g. "B/16", "mu/4"); any of
+width/depth/heads/mlp_dim set to a non-zero value in the config overrides the size.
+"""
+from __future__ import annotations
+
+import jax.numpy as jnp
+import ml_collections
+
+from mmjax.models.fusion import Fusion
+from mmjax.models.model import MultimodalModel
+from mmjax.models.text import TextEncoder
+from mmjax.models.vit import ViT
+
+# width, depth, mlp_dim, heads (ViT paper sizes; "mu" is a tiny test size).
+SIZES: dict[str, dict[str, int]] = {
+    "mu": dict(width=32, depth=1, mlp_dim=128, heads=2),
+    "Ti": dict(width=192, depth=12, mlp_dim=768, heads=3),
+    "S": dict(width=384, depth=12, mlp_dim=1536, heads=6),
+    "M": dict(width=512, depth=12, mlp_dim=2048, heads=8),
+    "B": dict(width=768, depth=12, mlp_dim=3072, heads=12),
+    "L": dict(width=1024, depth=24, mlp_dim=4096, heads=16),
+}
+PATCHES = (32, 16, 14, 8, 4, 2)
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def tower_size(cfg) -> dict[str, int]:
+  """Resolve a tower config's variant and explicit overrides to sizes (+ patch)."""
+  name, _, patch = cfg.get("variant", "").partition("/")
+  if name and name not in SIZES:
+    raise ValueError(f"unknown size {name!r} in variant {cfg.variant!r}; known: {sorted(SIZES)}")
+  size = dict(SIZES.get(name, {}))
+  for key in ("width", "depth", "mlp_dim", "heads"):
+    if cfg.get(key, 0):
+      size[key] = cfg[key]
+  missing = [k for k in ("width", "depth", "mlp_dim", "heads") if k not in size]
+  if missing:
+    raise ValueError(f"tower config needs a variant or explicit {missing}")
+  if patch:
+    if int(patch) not in PATCHES:
+      raise ValueError(f"patch {patch} in {cfg.variant!r}: expected one of {PATCHES}")
+    size["patch"] = int(patch)
+  elif cfg.get("patch", 0):
+    size["patch"] = cfg.patch
+  return size
+
+
+def build_model(config: ml_collections.ConfigDict, vocab_size: int | None = None,
+                special_ids: dict[str, int] | None = None) -> MultimodalModel:
+  """The model described by `config.model` (+ which heads `config.objectives` read).
+
+  `vocab_size` / `special_ids` come from the tokenizer when the config leaves
+  `model.text.vocab_size` at 0.
+  """
+  m = config.model
+  dtype = DTYPES[m.get("dtype", "float32")]
+  common = dict(dropout=m.get("dropout", 0.0), drop_path=m.get("drop_path", 0.0), dtype=dtype)
+  objectives = set(config.get("objectives", {}))
+
+  image = None
+  if m.get("image"):
+    size = tower_size(m.image)
+    if "patch" not in size:
+      raise ValueError("model.image needs a patch size: variant 'S/16' or model.image.patch")
+    image = ViT(image_size=config.data.image_size, pool=m.image.get("pool", "cls"),
+                act=m.image.get("act", "gelu"), pre_norm=m.image.get("pre_norm", False),
+                **size, **common)
+
+  text, vocab = None, 0
+  if m.get("text"):
+    vocab = m.text.get("vocab_size", 0) or vocab_size
+    if not vocab:
+      raise ValueError("model.text.vocab_size is 0 and no tokenizer vocabulary was given")
+    text = TextEncoder(vocab_size=vocab, max_len=config.data.max_len,
+                       pool=m.text.get("pool", "cls"), causal=m.text.get("causal", False),
+                       act=m.text.get("act", "gelu"), **tower_size(m.text), **common)
+
+  fusion = None
+  if m.get("fusion"):
+    fusion = Fusion(mode=m.fusion.get("mode", "merged"), act=m.fusion.get("act", "gelu"),
+                    **tower_size(m.fusion), **common)
+  needs_fusion = objectives & {"itm", "mlm"}
+  if needs_fusion and fusion is None:
+    raise ValueError(f"objectives {sorted(needs_fusion)} need model.fusion")
+
+  special = special_ids or {}
+  return MultimodalModel(
+      image_tower=image, text_tower=text, fusion=fusion,
+      embed_dim=m.get("embed_dim", 0), vocab_size=vocab,
+      itm="itm" in objectives, mlm="mlm" in objectives, mlm_prob=m.get("mlm_prob", 0.15),
+      mask_id=special.get("mask", 4),
+      special_ids=tuple(special.get(k, d) for k, d in (("pad", 0), ("cls", 2), ("sep", 3))),
+      logit_scale_init=m.get("logit_scale_init", 2.6593),
+      logit_bias_init=m.get("logit_bias_init", 0.0), dtype=dtype)

@@ -1,0 +1,76 @@
+"""Vision Transformer image tower."""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mmjax.models.layers import Encoder
+
+
+def resample_posemb(posemb: jax.Array, grid: tuple[int, int]) -> jax.Array:
+  """[1, h*w, D] learned position embeddings -> [1, grid[0]*grid[1], D], bilinear.
+
+  The stored grid is taken as square (it is, for every model mmjax builds).
+  """
+  n, d = posemb.shape[1], posemb.shape[2]
+  side = int(round(np.sqrt(n)))
+  if side * side != n:
+    raise ValueError(f"position embedding of {n} tokens is not a square grid")
+  if (side, side) == tuple(grid):
+    return posemb
+  image = posemb.reshape(1, side, side, d)
+  image = jax.image.resize(image, (1, *grid, d), method="bilinear")
+  return image.reshape(1, grid[0] * grid[1], d)
+
+
+class ViT(nn.Module):
+  """Conv patch embedding + learned position embeddings + pre-LN encoder.
+
+  Returns {"tokens": [B, N(+1), D], "pooled": [B, D]}. `image_size` fixes the
+  stored position grid; other input resolutions resample it on the fly.
+  """
+  width: int
+  depth: int
+  heads: int
+  mlp_dim: int
+  patch: int
+  image_size: int = 224
+  pool: str = "cls"          # "cls" | "gap"
+  act: str = "gelu"
+  pre_norm: bool = False     # LayerNorm on the embeddings (CLIP's vision tower has one)
+  ln_eps: float = 1e-6
+  dropout: float = 0.0
+  drop_path: float = 0.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, images: jax.Array, *, train: bool = False) -> dict[str, jax.Array]:
+    if images.ndim != 4 or images.shape[-1] != 3:
+      raise ValueError(f"images must be [B, H, W, 3], got {images.shape}")
+    x = nn.Conv(self.width, (self.patch, self.patch), strides=(self.patch, self.patch),
+                padding="VALID", dtype=self.dtype, name="patch_embed")(images)
+    b, gh, gw, d = x.shape                                   # [B, gh, gw, D]
+    x = x.reshape(b, gh * gw, d)
+    side = self.image_size // self.patch
+    posemb = self.param("posemb", nn.initializers.normal(0.02), (1, side * side, d))
+    x = x + resample_posemb(posemb, (gh, gw)).astype(x.dtype)
+    if self.pool == "cls":
+      cls = self.param("cls", nn.initializers.zeros, (1, 1, d))
+      x = jnp.concatenate([jnp.tile(cls.astype(x.dtype), (b, 1, 1)), x], axis=1)
+    if self.pre_norm:
+      x = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name="ln_pre")(x)
+    x = nn.Dropout(self.dropout)(x, deterministic=not train)
+    x = Encoder(self.depth, self.heads, self.mlp_dim, self.act, dropout=self.dropout,
+                drop_path=self.drop_path, ln_eps=self.ln_eps, dtype=self.dtype,
+                name="encoder")(x, train=train)
+    if self.pool == "cls":
+      pooled = x[:, 0]
+    elif self.pool == "gap":
+      pooled = x.mean(axis=1)
+    else:
+      raise ValueError(f"unknown ViT pool {self.pool!r}; expected 'cls' or 'gap'")
+    return {"tokens": x, "pooled": pooled}

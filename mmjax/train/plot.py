@@ -1,0 +1,39 @@
+"""One PNG per run: training curves on the left, eval metrics over steps on the right."""
+from __future__ import annotations
+
+import pathlib
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from mmjax.train.metrics_writer import read_metrics  # noqa: E402
+
+
+def plot_run(workdir: str | pathlib.Path, filename: str = "training.png") -> pathlib.Path:
+  rows = read_metrics(workdir)
+  train = [r for r in rows if r["kind"] == "train"]
+  evals = [r for r in rows if r["kind"] == "eval"]
+  fig, (ax_loss, ax_eval) = plt.subplots(1, 2, figsize=(12, 4.5))
+  loss_keys = sorted({k for r in train for k in r if k == "loss" or k.endswith("_loss")})
+  for k in loss_keys:
+    pts = [(r["step"], r[k]) for r in train if k in r]
+    ax_loss.plot(*zip(*pts), label=k, lw=2 if k == "loss" else 1)
+  ax_loss.set(xlabel="step", ylabel="loss", title="training losses")
+  ax_loss.set_yscale("log")
+  if loss_keys:
+    ax_loss.legend(fontsize=8)
+  eval_keys = sorted({k for r in evals for k in r
+                      if k not in ("step", "kind") and 0.0 <= r[k] <= 1.0})
+  for k in eval_keys:
+    pts = [(r["step"], r[k]) for r in evals if k in r]
+    ax_eval.plot(*zip(*pts), marker="o", label=f"{k} = {pts[-1][1]:.3f}")
+  ax_eval.set(xlabel="step", ylabel="held-out metric", title="evaluation", ylim=(0, 1.02))
+  if eval_keys:
+    ax_eval.legend(fontsize=7, loc="lower right")
+  fig.tight_layout()
+  out = pathlib.Path(workdir) / filename
+  fig.savefig(out, dpi=100)
+  plt.close(fig)
+  return out

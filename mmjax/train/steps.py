@@ -1,0 +1,54 @@
+"""Pure train and eval steps; the loop jits them once with shardings."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from mmjax.train.state import TrainState
+
+RNG_STREAMS = ("dropout", "itm", "mlm")
+
+
+def step_rngs(rng: jax.Array, step: jax.Array) -> dict[str, jax.Array]:
+  keys = jax.random.split(jax.random.fold_in(rng, step), len(RNG_STREAMS))
+  return dict(zip(RNG_STREAMS, keys))
+
+
+def make_train_step(model, tx: optax.GradientTransformation, loss_fn: Callable,
+                    schedule: optax.Schedule) -> Callable:
+  """(state, batch) -> (state, metrics). A step whose loss or gradients are not
+  finite leaves the state untouched and reports `finite = 0`."""
+
+  def train_step(state: TrainState, batch: dict[str, jax.Array]):
+    rngs = step_rngs(state.rng, state.step)
+
+    def compute(params):
+      outputs = model.apply({"params": params}, batch, train=True, rngs=rngs)
+      return loss_fn(outputs, batch)
+
+    (loss, metrics), grads = jax.value_and_grad(compute, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    new_state = state.replace(step=state.step + 1, params=keep(params, state.params),
+                              opt_state=keep(opt_state, state.opt_state))
+    metrics = dict(metrics, grad_norm=grad_norm, lr=schedule(state.step),
+                   finite=finite.astype(jnp.float32))
+    return new_state, metrics
+
+  return train_step
+
+
+def make_eval_loss(model, loss_fn: Callable) -> Callable:
+  """(params, batch, rng) -> metrics of the training objectives on held-out data."""
+
+  def eval_loss(params, batch, rng):
+    outputs = model.apply({"params": params}, batch, train=False, rngs=step_rngs(rng, 0))
+    return loss_fn(outputs, batch)[1]
+
+  return eval_loss

@@ -1,0 +1,22 @@
+import os
+import pathlib
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cache_dir(tmp_path_factory):
+  """Built-in data and tokenizers are cached per test session, not in ~/.cache."""
+  os.environ.setdefault("MMJAX_CACHE", str(tmp_path_factory.mktemp("mmjax_cache")))
+
+
+def run_python(code: str, *, devices: int = 1, timeout: int = 600, env=None):
+  """Run `code` in a fresh interpreter (own JAX runtime, own device count)."""
+  import subprocess
+  e = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+           PYTHONPATH=str(ROOT), **(env or {}))
+  return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                        timeout=timeout, env=e, cwd=ROOT)
