@@ -56,12 +56,14 @@ def get_config(arg=None):
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
   c.sharding_rules = ()            # e.g. ((r"kernel$", ("fsdp",)),) for FSDP
 
+  # Zero-shot on single-object test images; the prompts name the other
+  # attributes, so a class scores as its best prompt (ensemble="max").
   single = dict(num_objects=(1, 1))
+  zeroshot = lambda label: dict(type="zeroshot", split="test", label=label, data=single,
+                                ensemble="max", templates=zeroshot_templates(label))
   c.evals = ml_collections.ConfigDict(dict(
-      zeroshot_color=dict(type="zeroshot", split="test", label="color", data=single,
-                          templates=zeroshot_templates("color")),
-      zeroshot_shape=dict(type="zeroshot", split="test", label="shape", data=single,
-                          templates=zeroshot_templates("shape")),
+      zeroshot_color=zeroshot("color"),
+      zeroshot_shape=zeroshot("shape"),
       retrieval=dict(type="retrieval", split="test"),
       itm=dict(type="itm", split="test"),
   ))

@@ -16,7 +16,7 @@ import numpy as np
 from mmjax import data as mmdata
 from mmjax.evaluate.embed import Embedder
 from mmjax.evaluate.retrieval import retrieval as _retrieval
-from mmjax.evaluate.zeroshot import class_weights, prompts, zeroshot_accuracy
+from mmjax.evaluate.zeroshot import class_scores, prompts, zeroshot_accuracy
 
 
 @dataclasses.dataclass
@@ -52,9 +52,10 @@ def zeroshot(ctx: EvalContext, ev) -> dict[str, float]:
       mmdata.build_source(dcfg, ev.get("split", "test")).label_names[label])
   texts = prompts(names, ev.templates)
   ids, mask = ctx.tokenizer.encode(texts, dcfg.max_len)
-  weights = class_weights(ctx.embedder.texts(ids, mask), len(names))
   got = ctx.embedded(ev)
-  return zeroshot_accuracy(got["image_emb"], got[label], weights)
+  scores = class_scores(got["image_emb"], ctx.embedder.texts(ids, mask), len(names),
+                        ev.get("ensemble", "mean"))
+  return zeroshot_accuracy(scores, got[label])
 
 
 def retrieval(ctx: EvalContext, ev) -> dict[str, float]:

@@ -191,9 +191,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
   return result
 
 
-def evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
-             step: int | None = None) -> dict[str, float]:
-  """Run `config.evals` on the latest (or given) checkpoint of `workdir`."""
+def restore(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
+            step: int | None = None) -> tuple[Run, TrainState, int]:
+  """The run built from `config` and the train state of `workdir`'s checkpoint."""
   run = setup(config)
   ckpt = Checkpointer(workdir, keep=config.get("keep_checkpoints", 3))
   if ckpt.latest_step() is None:
@@ -201,5 +201,12 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
                             f"(mmjax train --workdir {workdir})")
   state, _, step = ckpt.restore(run.state, step)
   ckpt.close()
+  return run, state, step
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
+             step: int | None = None) -> dict[str, float]:
+  """Run `config.evals` on the latest (or given) checkpoint of `workdir`."""
+  run, state, step = restore(config, workdir, step)
   ctx = EvalContext(config, run.tokenizer, Embedder(run.model, state.params, run.mesh))
   return dict(run_evals(ctx, config.get("evals", {})), step=step)

@@ -3,19 +3,18 @@ from __future__ import annotations
 
 import pathlib
 
-import matplotlib
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from mmjax.train.metrics_writer import read_metrics  # noqa: E402
+from mmjax.train.metrics_writer import read_metrics
 
 
 def plot_run(workdir: str | pathlib.Path, filename: str = "training.png") -> pathlib.Path:
   rows = read_metrics(workdir)
   train = [r for r in rows if r["kind"] == "train"]
   evals = [r for r in rows if r["kind"] == "eval"]
-  fig, (ax_loss, ax_eval) = plt.subplots(1, 2, figsize=(12, 4.5))
+  # A bare Figure (no pyplot): no global backend switch, so notebooks keep theirs.
+  fig = Figure(figsize=(12, 4.5))
+  ax_loss, ax_eval = fig.subplots(1, 2)
   loss_keys = sorted({k for r in train for k in r if k == "loss" or k.endswith("_loss")})
   for k in loss_keys:
     pts = [(r["step"], r[k]) for r in train if k in r]
@@ -35,5 +34,4 @@ def plot_run(workdir: str | pathlib.Path, filename: str = "training.png") -> pat
   fig.tight_layout()
   out = pathlib.Path(workdir) / filename
   fig.savefig(out, dpi=100)
-  plt.close(fig)
   return out

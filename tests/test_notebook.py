@@ -1,0 +1,25 @@
+"""The quick-start notebook runs top to bottom (tiny config, CPU)."""
+import os
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+from conftest import ROOT
+
+
+@pytest.mark.slow
+def test_quickstart_notebook_executes(tmp_path, monkeypatch):
+  monkeypatch.setenv("MMJAX_NOTEBOOK_CONFIG", "demo:tiny")
+  monkeypatch.setenv("MMJAX_NOTEBOOK_WORKDIR", str(tmp_path / "run"))
+  monkeypatch.setenv("PYTHONPATH", str(ROOT))
+  nb = nbformat.read(ROOT / "colab" / "quickstart.ipynb", as_version=4)
+  NotebookClient(nb, timeout=600, kernel_name="python3",
+                 resources={"metadata": {"path": str(tmp_path)}}).execute()
+  outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
+  assert not [o for o in outputs if o.output_type == "error"]
+  text = "".join(str(o.get("data", {}).get("text/plain", "")) + o.get("text", "") for o in outputs)
+  assert "zeroshot_color_acc" in text
+  images = [o for o in outputs if "image/png" in o.get("data", {})]
+  assert len(images) >= 2          # the zero-shot grid and the training curves
+  assert (tmp_path / "run" / "training.png").exists()

@@ -1,0 +1,123 @@
+"""The train loop end to end: resume, devices, NaN stop, learning, eval CLI."""
+import json
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+import mmjax
+from mmjax.train.checkpoint import Checkpointer
+from mmjax.train.loop import setup
+
+from conftest import ROOT, run_python
+
+FAST = ["--config.evals={}", "--config.log_every=5"]
+
+
+def cli(*args, timeout=600):
+  r = subprocess.run([sys.executable, "-m", "mmjax.cli", *args, "--no-progress"],
+                     capture_output=True, text=True, cwd=ROOT, timeout=timeout)
+  return r
+
+
+def final_params(workdir, overrides):
+  config = mmjax.load_config("demo:tiny", overrides)
+  state, _, step = Checkpointer(workdir).restore(setup(config).state)
+  return step, jax.device_get(state.params)
+
+
+@pytest.mark.slow
+def test_resume_equals_uninterrupted(tmp_path):
+  common = ["--config", "demo:tiny", *FAST, "--config.total_steps=20",
+            "--config.checkpoint_every=0"]
+  straight = cli("train", "--workdir", str(tmp_path / "a"), *common)
+  assert straight.returncode == 0, straight.stderr
+  first = cli("train", "--workdir", str(tmp_path / "b"), *common, "--config.stop_after=10")
+  assert first.returncode == 0, first.stderr
+  assert json.loads(first.stdout.splitlines()[-1])["steps"] == 10
+  second = cli("train", "--workdir", str(tmp_path / "b"), *common)
+  assert second.returncode == 0, second.stderr
+  assert "resumed from" in second.stderr
+  overrides = ["--config.total_steps=20"]
+  step_a, a = final_params(tmp_path / "a", overrides)
+  step_b, b = final_params(tmp_path / "b", overrides)
+  assert step_a == step_b == 20
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(x, y)
+
+
+def test_one_device_equals_eight_devices():
+  code = r"""
+import jax, numpy as np, mmjax
+from mmjax import data, objectives, parallel
+from mmjax.train.loop import setup
+from mmjax.train.steps import make_train_step
+assert jax.device_count() == 8
+c = mmjax.load_config("demo:tiny", ["--config.model.dropout=0.1"])
+got = {}
+for n in (1, 8):
+  run = setup(c, devices=jax.devices()[:n])
+  it = data.make_iterator(c.data, "train", batch_size=c.batch_size, train=True,
+                          tokenizer=run.tokenizer)
+  step = jax.jit(make_train_step(run.model, run.tx, objectives.combined(dict(c.objectives)),
+                                 run.schedule),
+                 in_shardings=(run.state_sharding, parallel.batch_sharding(run.mesh)),
+                 out_shardings=(run.state_sharding, None))
+  s = run.state
+  losses = []
+  for _ in range(3):
+    b = parallel.device_batch(next(it), run.mesh)
+    assert len(b["image"].sharding.device_set) == n
+    s, m = step(s, b)
+    losses.append(float(m["loss"]))
+  got[n] = (losses, jax.device_get(s.params))
+np.testing.assert_allclose(got[1][0], got[8][0], rtol=1e-5)
+diff = max(float(np.max(np.abs(x - y))) for x, y in
+           zip(jax.tree.leaves(got[1][1]), jax.tree.leaves(got[8][1])))
+assert diff < 1e-5, diff
+print("max param diff", diff, "losses", got[1][0], got[8][0])
+"""
+  r = run_python(code, devices=8)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "max param diff" in r.stdout
+
+
+def test_nan_stops_training_and_keeps_last_good_checkpoint(tmp_path):
+  wd = str(tmp_path / "w")
+  common = ["--config", "demo:tiny", *FAST, "--config.total_steps=30",
+            "--config.checkpoint_every=10"]
+  ok = cli("train", "--workdir", wd, *common, "--config.stop_after=10")
+  assert ok.returncode == 0, ok.stderr
+  bad = cli("train", "--workdir", wd, *common, "--config.optim.lr=1e30",
+            "--config.optim.clip_norm=0.0")
+  assert bad.returncode != 0
+  assert "NaN/inf" in bad.stderr and "last good checkpoint (step 10)" in bad.stderr
+  assert Checkpointer(wd).latest_step() == 10
+  step, params = final_params(wd, [])
+  assert step == 10
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+
+
+@pytest.mark.slow
+def test_demo_config_learns_and_eval_cli_reports(tmp_path):
+  """A short run of the demo config on shapes learns colour and shape zero-shot."""
+  wd = str(tmp_path / "demo")
+  args = ["--config", "demo", "--config.total_steps=300", "--config.checkpoint_every=0",
+          "--config.data.train_size=20000", "--config.data.eval_size=512"]
+  r = cli("train", "--workdir", wd, *args)
+  assert r.returncode == 0, r.stderr[-3000:]
+  result = json.loads(r.stdout.splitlines()[-1])
+  assert result["zeroshot_color_acc"] >= 0.80, result
+  assert result["zeroshot_shape_acc"] >= 0.60, result
+  assert result["itm_acc"] >= 0.70, result
+  assert result["retrieval_i2t_r1"] > 0.05, result    # chance is ~1/512
+  for name in ("metrics.jsonl", "training.png", "config.json"):
+    assert (tmp_path / "demo" / name).exists()
+  assert list((tmp_path / "demo" / "tensorboard").glob("events.out.tfevents.*"))
+  again = cli("eval", "--workdir", wd, *args)
+  assert again.returncode == 0, again.stderr[-3000:]
+  evaluated = json.loads(again.stdout.splitlines()[-1])
+  assert evaluated["step"] == 300
+  assert evaluated["zeroshot_color_acc"] == pytest.approx(result["zeroshot_color_acc"])
