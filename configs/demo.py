@@ -1,4 +1,4 @@
-"""The default demo: a small CLIP + ITM + MLM model on the built-in `shapes` data.
+"""The default demo: a small CLIP + ITM model on the built-in `shapes` data.
 
 Trains in a few minutes on a 2-core CPU; the same file runs on a GPU or a TPU
 pod (raise batch_size and sizes with --config.x=y).
@@ -7,6 +7,7 @@ pod (raise batch_size and sizes with --config.x=y).
 """
 import ml_collections
 
+from mmjax.config import base_config, tower
 from mmjax.data.shapes import COLORS, SHAPES, SIZES
 
 
@@ -20,41 +21,25 @@ def zeroshot_templates(attribute: str) -> tuple[str, ...]:
 
 
 def get_config(arg=None):
-  c = ml_collections.ConfigDict()
-  c.seed = 0
+  c = base_config()
   c.total_steps = 1500
-  c.stop_after = 0                 # >0: stop this process after N steps (checkpointed)
-  c.batch_size = 64                # global, over all processes and devices
-  c.eval_batch_size = 256
   c.log_every = 25
-  c.eval_every = 0
-  c.checkpoint_every = 500
-  c.keep_checkpoints = 2
 
   c.data = ml_collections.ConfigDict(dict(
       name="shapes", image_size=32, max_len=16, seed=0, num_workers=0,
       train_size=50_000, eval_size=1024, num_objects=(1, 3),
       mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
-      augment=dict(crop_scale=(1.0, 1.0), flip=False),
+      augment=dict(crop_scale=(1.0, 1.0), flip=False),   # no flip: captions say "left of"
       tokenizer="", vocab_size=256, cache_dir=""))
 
-  tower = lambda **kw: ml_collections.ConfigDict(dict(
-      variant="", width=96, depth=3, heads=4, mlp_dim=192, **kw))
+  size = dict(width=96, depth=3, heads=4, mlp_dim=192)
   c.model = ml_collections.ConfigDict(dict(
-      image=tower(patch=4, pool="cls"), text=tower(pool="cls", vocab_size=0),
-      fusion=tower(mode="cross"), embed_dim=96, dtype="float32",
+      image=tower(patch=4, **size), text=tower(vocab_size=0, **dict(size, depth=2)),
+      fusion=tower(mode="cross", **dict(size, depth=1)), embed_dim=96, dtype="float32",
       dropout=0.0, drop_path=0.0, mlm_prob=0.15))
-  c.model.text.depth = 2
-  c.model.fusion.depth = 1
 
-  # MLM (mlm=0.25) adds ~25% to the step time; the demo's metrics do not need it.
+  # MLM (e.g. mlm=0.25) adds ~25% to the step time; the demo's metrics do not need it.
   c.objectives = ml_collections.ConfigDict(dict(contrastive=1.0, itm=0.5))
-  c.optim = ml_collections.ConfigDict(dict(
-      name="adamw", lr=1e-3, b1=0.9, b2=0.98, eps=1e-8, weight_decay=0.05,
-      schedule="cosine", warmup_steps=100, end_lr_factor=0.0, clip_norm=1.0,
-      accum_steps=1, frozen=""))
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
-  c.sharding_rules = ()            # e.g. ((r"kernel$", ("fsdp",)),) for FSDP
 
   # Zero-shot on single-object test images; the prompts name the other
   # attributes, so a class scores as its best prompt (ensemble="max").

@@ -1,8 +1,10 @@
-"""`mmjax train | eval | demo` — the command line over the Python API.
+"""`mmjax train | eval | demo | convert` — the command line over the Python API.
 
   mmjax train --config configs/demo.py[:arg] --workdir DIR [--config.key=value ...]
   mmjax eval  --config configs/demo.py --workdir DIR [--step N]
   mmjax demo  [--workdir DIR] [--config.key=value ...]
+  mmjax convert --from-hf HF_DIR --to WORKDIR [--config BASE.py] [--image-size N]
+  mmjax convert --to-hf WORKDIR --out HF_DIR [--step N]
 
 Overrides are `--config.<dotted key>=<value>`; a key that does not exist fails
 before anything is computed, naming the nearest valid key.
@@ -33,7 +35,55 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     if name == "eval":
       s.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+  c = sub.add_parser("convert", help="Hugging Face directory <-> mmjax workdir")
+  way = c.add_mutually_exclusive_group(required=True)
+  way.add_argument("--from-hf", metavar="HF_DIR", help="config.json + model.safetensors")
+  way.add_argument("--to-hf", metavar="WORKDIR", help="an mmjax workdir (its latest step)")
+  c.add_argument("--to", metavar="WORKDIR", help="with --from-hf: the mmjax workdir to write")
+  c.add_argument("--out", metavar="HF_DIR", help="with --to-hf: the directory to write")
+  c.add_argument("--config", default=None,
+                 help="with --from-hf: run config whose data/optim/evals (and fusion) the "
+                      "workdir uses (default: configs/demo.py without evals)")
+  c.add_argument("--image-size", type=int, default=0, help="resample position embeddings")
+  c.add_argument("--max-len", type=int, default=0, help="padded text length of batches")
+  c.add_argument("--allow-missing", default="",
+                 help="regex of mmjax params that may be absent (new heads, fusion)")
+  c.add_argument("--step", type=int, default=None, help="with --to-hf: checkpoint step")
   return p
+
+
+def _convert(args, overrides: list[str]) -> int:
+  from mmjax.convert import pretrained, workdir  # pylint: disable=g-import-not-at-top
+  if args.from_hf:
+    if not args.to:
+      print("mmjax: convert --from-hf needs --to WORKDIR", file=sys.stderr)
+      return 2
+    base = load_config(args.config, overrides) if args.config else None
+    p = pretrained.from_pretrained(args.from_hf, image_size=args.image_size,
+                                   max_len=args.max_len, allow_missing=args.allow_missing)
+    out = os.path.abspath(args.to)
+    config = workdir.run_config(p, base, os.path.join(out, "tokenizer.json")
+                                if p.tokenizer is not None else "")
+    params = p.params
+    if config.model.get("fusion"):   # kept from the base config: it must be allowed missing
+      params = pretrained.load_params(args.from_hf, config, allow_missing=args.allow_missing)
+    workdir.write_workdir(out, config, params, p.hf_config, p.tokenizer)
+    print(json.dumps({"architecture": p.architecture, "workdir": out,
+                      "config": os.path.join(out, "config.py")}))
+    return 0
+  if not args.out:
+    print("mmjax: convert --to-hf needs --out HF_DIR", file=sys.stderr)
+    return 2
+  config, params, step = workdir.read_workdir(args.to_hf, args.step)
+  tokenizer = None
+  if config.data.get("tokenizer"):
+    from mmjax.data import load_tokenizer  # pylint: disable=g-import-not-at-top
+    tokenizer = load_tokenizer(config.data.tokenizer)
+  pretrained.save_pretrained(args.out, config, params,
+                             hf_config_base=workdir.hf_config_of(args.to_hf), tokenizer=tokenizer)
+  print(json.dumps({"workdir": os.path.abspath(args.to_hf), "step": step,
+                    "out": os.path.abspath(args.out)}))
+  return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,18 +93,35 @@ def main(argv: list[str] | None = None) -> int:
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
   for noisy in ("absl", "jax._src", "orbax", "grain"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
+  if args.command == "convert":
+    try:
+      return _convert(args, overrides)
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+      print(f"mmjax: convert: {e}", file=sys.stderr)
+      return 2
   try:
     config = load_config(args.config, overrides)
   except ConfigError as e:
     print(f"mmjax: config error: {e}", file=sys.stderr)
     return 2
-  import mmjax  # after the config is known good: importing jax takes seconds
+  import mmjax
+  from mmjax.data import DataError
+  from mmjax.train.checkpoint import CheckpointMismatch
+  from mmjax.train.loop import NonFiniteLoss
 
   os.makedirs(args.workdir, exist_ok=True)
-  if args.command in ("train", "demo"):
-    result = mmjax.train(config, args.workdir, progress=not args.no_progress)
-  else:
-    result = mmjax.evaluate(config, args.workdir, step=args.step)
+  try:
+    if args.command in ("train", "demo"):
+      result = mmjax.train(config, args.workdir, progress=not args.no_progress)
+    else:
+      result = mmjax.evaluate(config, args.workdir, step=args.step)
+  except (DataError, NonFiniteLoss, CheckpointMismatch, FileNotFoundError, ValueError) as e:
+    # Problems with the user's data, config or workdir: the message says what
+    # and where; a traceback would only bury it (MMJAX_TRACEBACK=1 shows it).
+    if os.environ.get("MMJAX_TRACEBACK"):
+      raise
+    print(f"mmjax {args.command}: error: {e}", file=sys.stderr)
+    return 1
   print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v)
                     for k, v in sorted(result.items())}))
   return 0

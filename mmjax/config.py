@@ -105,3 +105,37 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
   apply_overrides(cfg, overrides)
   cfg.lock()
   return cfg
+
+
+def tower(**fields) -> ml_collections.ConfigDict:
+  """A tower's config: a named `variant` ("B/16", "mu") and/or explicit sizes
+  (0 = from the variant)."""
+  base = dict(variant="", width=0, depth=0, heads=0, mlp_dim=0, pool="cls", act="gelu")
+  return ml_collections.ConfigDict({**base, **fields})
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Run-level defaults every config starts from; configs add data, model,
+  objectives and evals, and change what they need."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.total_steps = 1000
+  c.stop_after = 0              # >0: stop this process after N steps (checkpointed)
+  c.batch_size = 64             # global, over all processes and devices
+  c.eval_batch_size = 256
+  c.log_every = 50
+  c.eval_every = 0              # 0: evaluate at the end only
+  c.checkpoint_every = 500
+  c.keep_checkpoints = 2
+  c.objectives = ml_collections.ConfigDict(dict(contrastive=1.0))
+  c.optim = ml_collections.ConfigDict(dict(
+      name="adamw", lr=1e-3, b1=0.9, b2=0.98, eps=1e-8, weight_decay=0.05, momentum=0.9,
+      schedule="cosine", warmup_steps=100, end_lr_factor=0.0, clip_norm=1.0,
+      accum_steps=1, frozen=""))
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+  c.sharding_rules = ()         # ((regex, (axis or None, ...)), ...), e.g. ((r"kernel$", ("fsdp",)),)
+  # Multi-process runs: auto=True on TPU VMs / SLURM, else coordinator "host:port".
+  c.distributed = ml_collections.ConfigDict(dict(auto=False, coordinator="", num_processes=1,
+                                                 process_id=0))
+  c.evals = ml_collections.ConfigDict()
+  return c

@@ -133,7 +133,11 @@ class DropPath(nn.Module):
 
 
 class Block(nn.Module):
-  """Pre-LN Transformer block: self-attention, optional cross-attention, MLP."""
+  """Pre-LN Transformer block: self-attention, optional cross-attention, MLP.
+
+  `post_norm=True` is the original (BERT) layout instead: LayerNorm after each
+  residual sum, with the same parameter names.
+  """
   heads: int
   mlp_dim: int
   act: str = "gelu"
@@ -142,6 +146,7 @@ class Block(nn.Module):
   drop_path: float = 0.0
   ln_eps: float = 1e-6
   dtype: Dtype = jnp.float32
+  post_norm: bool = False
 
   @nn.compact
   def __call__(self, x: Array, mask: Array | None = None, *, kv: Array | None = None,
@@ -150,11 +155,16 @@ class Block(nn.Module):
     attn = functools.partial(Attention, self.heads, self.dropout, self.dtype)
     residual = lambda y: nn.Dropout(self.dropout)(DropPath(self.drop_path)(y, train=train),
                                                   deterministic=not train)
+    mlp = Mlp(self.mlp_dim, self.act, self.dropout, self.dtype, name="mlp")
+    if self.post_norm:
+      if self.cross:
+        raise ValueError("post_norm blocks have no cross-attention")
+      x = norm(name="ln1")(x + residual(attn(name="attn")(x, mask=mask, train=train)))
+      return norm(name="ln2")(x + residual(mlp(x, train=train)))
     x = x + residual(attn(name="attn")(norm(name="ln1")(x), mask=mask, train=train))
     if self.cross:
       x = x + residual(attn(name="cross_attn")(norm(name="ln_cross")(x), kv, kv_mask,
                                                train=train))
-    mlp = Mlp(self.mlp_dim, self.act, self.dropout, self.dtype, name="mlp")
     return x + residual(mlp(norm(name="ln2")(x), train=train))
 
 
@@ -173,6 +183,7 @@ class Encoder(nn.Module):
   ln_eps: float = 1e-6
   final_norm: bool = True
   dtype: Dtype = jnp.float32
+  post_norm: bool = False    # BERT-style blocks (see Block)
 
   @nn.compact
   def __call__(self, x: Array, mask: Array | None = None, *, kv: Array | None = None,
@@ -180,7 +191,7 @@ class Encoder(nn.Module):
     for i in range(self.depth):
       rate = self.drop_path * i / max(self.depth - 1, 1)
       x = Block(self.heads, self.mlp_dim, self.act, self.cross, self.dropout, rate,
-                self.ln_eps, self.dtype, name=f"block_{i}")(
+                self.ln_eps, self.dtype, self.post_norm, name=f"block_{i}")(
                     x, mask, kv=kv, kv_mask=kv_mask, train=train)
     if self.final_norm:
       x = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name="ln_final")(x)

@@ -24,6 +24,14 @@ SIZES: dict[str, dict[str, int]] = {
 }
 PATCHES = (32, 16, 14, 8, 4, 2)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# Optional module fields a tower config may set (they default to the module's own
+# defaults); the Hugging Face converter uses them to express CLIP, ViT, BERT, GPT-2.
+IMAGE_OPTIONS = ("ln_eps", "patch_bias", "posemb_cls", "final_norm", "pooler", "num_classes")
+TEXT_OPTIONS = ("ln_eps", "type_vocab", "embed_norm", "post_norm", "pooler", "head")
+
+
+def _options(cfg, names) -> dict:
+  return {k: cfg[k] for k in names if k in cfg}
 
 
 def tower_size(cfg) -> dict[str, int]:
@@ -66,16 +74,18 @@ def build_model(config: ml_collections.ConfigDict, vocab_size: int | None = None
       raise ValueError("model.image needs a patch size: variant 'S/16' or model.image.patch")
     image = ViT(image_size=config.data.image_size, pool=m.image.get("pool", "cls"),
                 act=m.image.get("act", "gelu"), pre_norm=m.image.get("pre_norm", False),
-                **size, **common)
+                **_options(m.image, IMAGE_OPTIONS), **size, **common)
 
   text, vocab = None, 0
   if m.get("text"):
     vocab = m.text.get("vocab_size", 0) or vocab_size
     if not vocab:
       raise ValueError("model.text.vocab_size is 0 and no tokenizer vocabulary was given")
-    text = TextEncoder(vocab_size=vocab, max_len=config.data.max_len,
+    # The position table may be longer than the batches' padded length (data.max_len).
+    text = TextEncoder(vocab_size=vocab, max_len=m.text.get("max_len", 0) or config.data.max_len,
                        pool=m.text.get("pool", "cls"), causal=m.text.get("causal", False),
-                       act=m.text.get("act", "gelu"), **tower_size(m.text), **common)
+                       act=m.text.get("act", "gelu"), **_options(m.text, TEXT_OPTIONS),
+                       **tower_size(m.text), **common)
 
   fusion = None
   if m.get("fusion"):
