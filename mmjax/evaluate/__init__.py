@@ -6,6 +6,7 @@ Each evaluator is `f(ctx, ev) -> {metric: float}`; results are reported as
 from __future__ import annotations
 
 import copy
+import itertools
 import dataclasses
 from typing import Any, Callable
 
@@ -33,14 +34,19 @@ class EvalContext:
         cfg[k] = v
     return cfg
 
-  def embedded(self, ev, match: bool = False) -> dict[str, np.ndarray]:
+  def embedded(self, ev, match: bool = False, split: str | None = None,
+               limit: int = 0) -> dict[str, np.ndarray]:
+    """Embeddings of `split` (default ev.split), its first `limit` batches' worth
+    of examples when limit > 0; cached per split, data config and options."""
     dcfg = self.data_config(ev)
-    key = (ev.get("split", "test"), dcfg.to_json(), match)
+    split = split or ev.get("split", "test")
+    key = (split, dcfg.to_json(), match, limit)
     if key not in self.cache:
-      batches = mmdata.make_iterator(dcfg, ev.get("split", "test"),
-                                     batch_size=self.config.get("eval_batch_size", 256)
-                                     // jax.process_count(),
+      batch_size = self.config.get("eval_batch_size", 256)
+      batches = mmdata.make_iterator(dcfg, split, batch_size=batch_size // jax.process_count(),
                                      train=False, tokenizer=self.tokenizer)
+      if limit:
+        batches = itertools.islice(batches, -(-limit // batch_size))
       self.cache[key] = self.embedder.split(batches, match=match)
     return self.cache[key]
 
@@ -71,10 +77,26 @@ def itm(ctx: EvalContext, ev) -> dict[str, float]:
   return {"acc": float(correct.mean()), "pos_acc": float((got["match_pos"] > 0.5).mean())}
 
 
+def linear_probe(ctx: EvalContext, ev) -> dict[str, float]:
+  """Classification accuracy of a logistic regression on frozen image embeddings,
+  fit on `ev.train_examples` of the train split, scored on `ev.split`."""
+  # Only this evaluator needs scikit-learn.
+  from sklearn.linear_model import LogisticRegression
+  from sklearn.pipeline import make_pipeline
+  from sklearn.preprocessing import StandardScaler
+  train = ctx.embedded(ev, split=ev.get("train_split", "train"),
+                       limit=ev.get("train_examples", 2048))
+  test = ctx.embedded(ev)
+  probe = make_pipeline(StandardScaler(), LogisticRegression(C=ev.get("C", 1.0), max_iter=2000))
+  probe.fit(train["image_emb"], train[ev.label])
+  return {"acc": float(probe.score(test["image_emb"], test[ev.label]))}
+
+
 EVALUATORS: dict[str, Callable[[EvalContext, Any], dict[str, float]]] = {
     "zeroshot": zeroshot,
     "retrieval": retrieval,
     "itm": itm,
+    "linear_probe": linear_probe,
 }
 
 
