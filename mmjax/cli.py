@@ -1,6 +1,7 @@
 """`mmjax train | eval | demo | convert` — the command line over the Python API.
 
   mmjax train --config configs/demo.py[:arg] --workdir DIR [--config.key=value ...]
+  mmjax finetune --config configs/finetune_digits.py[:arg] --init CKPT_OR_HF_DIR --workdir DIR
   mmjax eval  --config configs/demo.py --workdir DIR [--step N]
   mmjax demo  [--workdir DIR] [--config.key=value ...]
   mmjax convert --from-hf HF_DIR --to WORKDIR [--config BASE.py] [--image-size N]
@@ -25,6 +26,8 @@ def _parser() -> argparse.ArgumentParser:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = p.add_subparsers(dest="command", required=True)
   for name, text in (("train", "train a config (resumes from DIR's latest checkpoint)"),
+                     ("finetune", "train a config starting from a pretrained mmjax workdir "
+                                  "or Hugging Face directory (--init)"),
                      ("eval", "evaluate DIR's latest checkpoint"),
                      ("demo", "train and evaluate the default config on built-in data")):
     s = sub.add_parser(name, help=text)
@@ -35,6 +38,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     if name == "eval":
       s.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    if name == "finetune":
+      s.add_argument("--init", default=None, metavar="CKPT_OR_HF_DIR",
+                     help="pretrained mmjax workdir or HF directory (default: config.init.path)")
   c = sub.add_parser("convert", help="Hugging Face directory <-> mmjax workdir")
   way = c.add_mutually_exclusive_group(required=True)
   way.add_argument("--from-hf", metavar="HF_DIR", help="config.json + model.safetensors")
@@ -90,7 +96,9 @@ def main(argv: list[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   overrides = [a for a in argv if a.startswith("--config.")]
   args = _parser().parse_args([a for a in argv if not a.startswith("--config.")])
-  logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+  # force: absl (imported by ml_collections) has already put a handler on the root logger.
+  logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s",
+                      force=True)
   for noisy in ("absl", "jax._src", "orbax", "grain"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
   if args.command == "convert":
@@ -113,6 +121,9 @@ def main(argv: list[str] | None = None) -> int:
   try:
     if args.command in ("train", "demo"):
       result = mmjax.train(config, args.workdir, progress=not args.no_progress)
+    elif args.command == "finetune":
+      result = mmjax.finetune(config, args.workdir, init=args.init,
+                              progress=not args.no_progress)
     else:
       result = mmjax.evaluate(config, args.workdir, step=args.step)
   except (DataError, NonFiniteLoss, CheckpointMismatch, FileNotFoundError, ValueError) as e:

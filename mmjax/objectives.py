@@ -1,12 +1,16 @@
 """Losses. Each is `f(outputs, batch) -> (scalar loss, metrics dict)`.
 
 `config.objectives = {name: weight}` picks and weights them; `combined` sums
-them in one step. Adding a loss is one function plus one registry line.
+them in one step. An objective with keyword options (`classify`'s label key)
+takes them from `config.objective_options.<name>`. Adding a loss is one
+function plus one registry line.
 Everything here runs in float32.
 """
 from __future__ import annotations
 
 from typing import Callable, Mapping
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -60,11 +64,29 @@ def mlm(outputs, batch):
   return (per_token * w).sum() / n, {"acc": acc}
 
 
+def classify(outputs, batch, *, label: str = "label", label_smoothing: float = 0.0):
+  """Softmax cross-entropy of `class_logits` [B, C] against the integer `batch[label]`,
+  with targets smoothed toward uniform by `label_smoothing`; rows with valid = 0
+  (eval padding) do not count."""
+  logits = outputs["class_logits"]
+  if label not in batch:
+    raise KeyError(f"objective 'classify' reads batch[{label!r}], which this data does not "
+                   f"have; its keys: {sorted(batch)} (set objective_options.classify.label)")
+  labels = batch[label]
+  targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
+  per_example = optax.softmax_cross_entropy(logits, targets)
+  w = batch["valid"].astype(jnp.float32) if "valid" in batch else jnp.ones_like(per_example)
+  n = jnp.maximum(w.sum(), 1.0)
+  acc = ((jnp.argmax(logits, -1) == labels) * w).sum() / n
+  return (per_example * w).sum() / n, {"acc": acc}
+
+
 OBJECTIVES: dict[str, Objective] = {
     "contrastive": contrastive,
     "sigmoid": sigmoid,
     "itm": itm,
     "mlm": mlm,
+    "classify": classify,
 }
 
 
@@ -74,9 +96,16 @@ def get(name: str) -> Objective:
   return OBJECTIVES[name]
 
 
-def combined(weights: Mapping[str, float]) -> Objective:
-  """The weighted sum of the named objectives; metrics are prefixed by name."""
-  fns = {name: get(name) for name in weights}
+def combined(weights: Mapping[str, float], options: Mapping[str, Mapping] | None = None
+             ) -> Objective:
+  """The weighted sum of the named objectives, each given its `options[name]` as
+  keyword arguments; metrics are prefixed by name."""
+  options = options or {}
+  unused = set(options) - set(weights)
+  if unused:
+    raise KeyError(f"objective_options for {sorted(unused)}, which are not in objectives "
+                   f"{sorted(weights)}")
+  fns = {name: functools.partial(get(name), **dict(options.get(name, {}))) for name in weights}
 
   def loss_fn(outputs, batch):
     total, metrics = 0.0, {}

@@ -173,7 +173,8 @@ def test_files_split_placeholder_and_no_valid_rows(tmp_path):
 def _tiny_tfds(data_dir):
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
-  class TinyPairs(tfds.core.GeneratorBasedBuilder):
+  # skip_registration: the builder is defined anew by every call (tests in one process).
+  class TinyPairs(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     VERSION = tfds.core.Version('1.0.0')
 
     def _info(self):

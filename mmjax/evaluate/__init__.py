@@ -6,8 +6,10 @@ Each evaluator is `f(ctx, ev) -> {metric: float}`; results are reported as
 from __future__ import annotations
 
 import copy
-import itertools
 import dataclasses
+import itertools
+import logging
+import pathlib
 from typing import Any, Callable
 
 import jax
@@ -15,10 +17,12 @@ import ml_collections
 import numpy as np
 
 from mmjax import data as mmdata
+from mmjax.evaluate import classification as _classification
 from mmjax.evaluate.embed import Embedder
 from mmjax.evaluate.retrieval import retrieval as _retrieval
 from mmjax.evaluate.zeroshot import class_scores, prompts, zeroshot_accuracy
 
+log = logging.getLogger("mmjax")
 
 @dataclasses.dataclass
 class EvalContext:
@@ -26,6 +30,8 @@ class EvalContext:
   tokenizer: Any
   embedder: Embedder
   cache: dict = dataclasses.field(default_factory=dict)
+  workdir: pathlib.Path | None = None   # where evaluators write files (None: nowhere)
+  name: str = ""                        # the evaluator being run (config.evals key)
 
   def data_config(self, ev) -> ml_collections.ConfigDict:
     cfg = copy.deepcopy(self.config.data)
@@ -92,11 +98,39 @@ def linear_probe(ctx: EvalContext, ev) -> dict[str, float]:
   return {"acc": float(probe.score(test["image_emb"], test[ev.label]))}
 
 
+def classification(ctx: EvalContext, ev) -> dict[str, float]:
+  """The model's classifier on `ev.split`: accuracy, macro and weighted P/R/F1, and
+  per-class F1; logs scikit-learn's table and writes <workdir>/reports/<name>.json
+  and <name>_confusion.png."""
+  dcfg = ctx.data_config(ev)
+  split = ev.get("split", "test")
+  label = ev.get("label", "label")
+  batch_size = ctx.config.get("eval_batch_size", 256)
+  batches = mmdata.make_iterator(dcfg, split, batch_size=batch_size // jax.process_count(),
+                                 train=False, tokenizer=ctx.tokenizer)
+  got = ctx.embedder.classify(batches, label)
+  names = list(ev.get("classnames", ())) or list(
+      mmdata.build_source(dcfg, split).label_names[label])
+  rep = _classification.report(got[label], got["logits"].argmax(-1), names)
+  name = ctx.name or "classification"
+  log.info("%s on %s (%d examples):\n%s", name, split, len(got[label]), rep["text"])
+  if ctx.workdir is not None and jax.process_index() == 0:
+    _classification.write(rep, ctx.workdir / "reports", name, names)
+  r = rep["report"]
+  out = {"acc": float(r["accuracy"])}
+  for avg in ("macro", "weighted"):
+    out.update({f"{avg}_{m}": float(r[f"{avg} avg"][k]) for m, k in
+                (("precision", "precision"), ("recall", "recall"), ("f1", "f1-score"))})
+  out.update({f"f1_{n}": float(r[n]["f1-score"]) for n in names})
+  return out
+
+
 EVALUATORS: dict[str, Callable[[EvalContext, Any], dict[str, float]]] = {
     "zeroshot": zeroshot,
     "retrieval": retrieval,
     "itm": itm,
     "linear_probe": linear_probe,
+    "classification": classification,
 }
 
 
@@ -105,5 +139,6 @@ def run_evals(ctx: EvalContext, evals) -> dict[str, float]:
   for name, ev in evals.items():
     if ev.type not in EVALUATORS:
       raise KeyError(f"evals.{name}.type={ev.type!r} unknown; known: {sorted(EVALUATORS)}")
-    out.update({f"{name}_{k}": v for k, v in EVALUATORS[ev.type](ctx, ev).items()})
+    named = dataclasses.replace(ctx, name=name)    # shares the embedding cache
+    out.update({f"{name}_{k}": v for k, v in EVALUATORS[ev.type](named, ev).items()})
   return out

@@ -49,6 +49,25 @@ class Embedder:
       return jax.nn.softmax(self.model.apply({"params": p}, method=f), axis=-1)[:, 1]
     return jax.jit(match)
 
+  @functools.cached_property
+  def _classify_fn(self):
+    return jax.jit(lambda p, batch: self.model.apply({"params": p}, batch,
+                                                     method=self.model.classify))
+
+  def classify(self, batches: Iterable[dict[str, np.ndarray]], label: str
+               ) -> dict[str, np.ndarray]:
+    """Class logits [N, C] and the integer `label` [N] of every valid example."""
+    logits, labels = [], []
+    for batch in batches:
+      g = parallel.device_batch(batch, self.mesh)
+      inputs = {k: g[k] for k in ("image", "text", "text_mask")}
+      logits.append(to_host(self._classify_fn(self.params, inputs)))
+      labels.append(to_host(g[label]))
+      if "valid" in g:
+        keep = to_host(g["valid"]) > 0
+        logits[-1], labels[-1] = logits[-1][keep], labels[-1][keep]
+    return {"logits": np.concatenate(logits), label: np.concatenate(labels)}
+
   def _global(self, **arrays):
     return parallel.device_batch(arrays, self.mesh).values()
 

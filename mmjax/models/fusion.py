@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmjax.models.layers import Dense, Encoder, key_mask
+from mmjax.models.layers import Dense, Encoder, Peft, key_mask
 
 
 class Fusion(nn.Module):
@@ -30,6 +30,7 @@ class Fusion(nn.Module):
   dropout: float = 0.0
   drop_path: float = 0.0
   dtype: Any = jnp.float32
+  peft: Peft = Peft()
 
   @nn.compact
   def __call__(self, text: jax.Array, text_mask: jax.Array, image: jax.Array, *,
@@ -42,7 +43,7 @@ class Fusion(nn.Module):
     encoder = Encoder(self.depth, self.heads, self.mlp_dim, self.act,
                       cross=self.mode == "cross", dropout=self.dropout,
                       drop_path=self.drop_path, ln_eps=self.ln_eps, dtype=self.dtype,
-                      name="encoder")
+                      peft=self.peft, name="encoder")
     image_mask = jnp.ones(image.shape[:2], text_mask.dtype)
     if self.mode == "merged":
       modality = self.param("modality_embed", nn.initializers.normal(0.02), (2, self.width))

@@ -7,6 +7,9 @@ forward pass computes what the configured objectives read:
   logit_scale, logit_bias      scalars (temperature, SigLIP bias)
   itm_logits [3B, 2], itm_labels [3B]       positives + hard negatives both ways
   mlm_logits [B, L, V], mlm_targets, mlm_weights [B, L]
+  class_logits [B, C]   a linear classifier on the image tower's pooled token, the
+                        text tower's, or the fusion tower's first (text [CLS]) token
+Towers that are not configured are not run: a classifier may be image-only.
 """
 from __future__ import annotations
 
@@ -48,6 +51,18 @@ def mask_tokens(ids: jax.Array, mask: jax.Array, rng: jax.Array, *, prob: float,
   return jnp.where(picked, new, ids), picked.astype(jnp.float32)
 
 
+def in_slices(tower: nn.Module, n: int, *inputs: jax.Array, train: bool) -> dict[str, jax.Array]:
+  """tower(*inputs) run on `n` independent slices of the batch, concatenated.
+
+  Same maths; on a CPU with few cores XLA overlaps the slices' kernels, which
+  its per-op threading alone does not fill (BENCHMARKS.md)."""
+  n = min(n, inputs[0].shape[0])
+  if n <= 1:
+    return tower(*inputs, train=train)
+  outs = [tower(*part, train=train) for part in zip(*(jnp.array_split(x, n) for x in inputs))]
+  return jax.tree.map(lambda *xs: jnp.concatenate(xs), *outs)
+
+
 class MultimodalModel(nn.Module):
   image_tower: nn.Module | None
   text_tower: nn.Module | None
@@ -61,6 +76,9 @@ class MultimodalModel(nn.Module):
   special_ids: tuple[int, ...] = (0, 2, 3)
   logit_scale_init: float = 2.6593    # log(1 / 0.07), CLIP
   logit_bias_init: float = 0.0        # SigLIP uses -10 with scale log(10)
+  num_classes: int = 0                # > 0: a "classifier" head reading `classify_input`
+  classify_input: str = "image"       # "image" | "text" | "fusion"
+  tower_splits: int = 1               # > 1: towers run on slices of the batch (CPU speed)
   dtype: Any = jnp.float32
 
   def setup(self):
@@ -73,15 +91,20 @@ class MultimodalModel(nn.Module):
       self.itm_head = Dense(2, dtype=self.dtype)
     if self.mlm:
       self.mlm_head = MlmHead(self.vocab_size, dtype=self.dtype)
+    if self.num_classes:
+      if self.classify_input not in ("image", "text", "fusion"):
+        raise ValueError(f"classifier input {self.classify_input!r}: expected 'image', "
+                         f"'text' or 'fusion'")
+      self.classifier = Dense(self.num_classes, dtype=self.dtype)
 
   def encode_image(self, images: jax.Array, *, train: bool = False):
     """-> (unit embedding [B, E] or None, tower outputs)."""
-    out = self.image_tower(images, train=train)
+    out = in_slices(self.image_tower, self.tower_splits, images, train=train)
     emb = l2_normalize(self.image_proj(out["pooled"])) if self.embed_dim else None
     return emb, out
 
   def encode_text(self, ids: jax.Array, mask: jax.Array, *, train: bool = False):
-    out = self.text_tower(ids, mask, train=train)
+    out = in_slices(self.text_tower, self.tower_splits, ids, mask, train=train)
     emb = l2_normalize(self.text_proj(out["pooled"])) if self.embed_dim else None
     return emb, out
 
@@ -90,12 +113,37 @@ class MultimodalModel(nn.Module):
     fused = self.fusion(text_tokens, text_mask, image_tokens, train=train)
     return self.itm_head(fused[:, 0]).astype(jnp.float32)
 
+  def class_logits(self, img, txt, text_mask, *, train: bool = False) -> jax.Array:
+    """[B, C] from the towers' outputs (None for a tower that was not run)."""
+    if self.classify_input == "image":
+      features = img["pooled"]
+    elif self.classify_input == "text":
+      features = txt["pooled"]
+    else:
+      features = self.fusion(txt["tokens"], text_mask, img["tokens"], train=train)[:, 0]
+    return self.classifier(features).astype(jnp.float32)
+
+  def classify(self, batch: dict[str, jax.Array], *, train: bool = False) -> jax.Array:
+    """Class logits [B, C], running only the towers the classifier reads."""
+    img = txt = None
+    if self.classify_input in ("image", "fusion"):
+      img = self.encode_image(jnp.asarray(batch["image"]), train=train)[1]
+    if self.classify_input in ("text", "fusion"):
+      txt = self.encode_text(jnp.asarray(batch["text"]), jnp.asarray(batch["text_mask"]),
+                             train=train)[1]
+    return self.class_logits(img, txt, batch.get("text_mask"), train=train)
+
   def __call__(self, batch: dict[str, jax.Array], *, train: bool = False) -> dict[str, Any]:
-    batch = {k: jnp.asarray(batch[k]) for k in ("image", "text", "text_mask")}
+    batch = {k: jnp.asarray(batch[k]) for k in ("image", "text", "text_mask") if k in batch}
     out: dict[str, Any] = {}
-    img_emb, img = self.encode_image(batch["image"], train=train)
-    txt_emb, txt = self.encode_text(batch["text"], batch["text_mask"], train=train)
-    if self.embed_dim:
+    img_emb = img = txt_emb = txt = None
+    if self.image_tower is not None:
+      img_emb, img = self.encode_image(batch["image"], train=train)
+    if self.text_tower is not None:
+      txt_emb, txt = self.encode_text(batch["text"], batch["text_mask"], train=train)
+    if self.num_classes:
+      out["class_logits"] = self.class_logits(img, txt, batch.get("text_mask"), train=train)
+    if self.embed_dim and img is not None and txt is not None:
       out["image_emb"], out["text_emb"] = img_emb, txt_emb
       out["logit_scale"] = jnp.exp(jnp.minimum(self.logit_scale, jnp.log(100.0)))
       out["logit_bias"] = self.logit_bias

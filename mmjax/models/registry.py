@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from mmjax.models.fusion import Fusion
+from mmjax.models.layers import Peft
 from mmjax.models.model import MultimodalModel
 from mmjax.models.text import TextEncoder
 from mmjax.models.vit import ViT
@@ -55,6 +56,14 @@ def tower_size(cfg) -> dict[str, int]:
   return size
 
 
+def peft_of(config: ml_collections.ConfigDict) -> Peft:
+  """LoRA / adapter settings from `config.finetune` (none when it is absent)."""
+  ft = config.get("finetune") or {}
+  return Peft(lora_rank=ft.get("lora_rank", 0), lora_alpha=ft.get("lora_alpha", 16.0),
+              lora_targets=tuple(ft.get("lora_targets", ("query", "value"))),
+              adapter_dim=ft.get("adapter_dim", 0))
+
+
 def build_model(config: ml_collections.ConfigDict, vocab_size: int | None = None,
                 special_ids: dict[str, int] | None = None) -> MultimodalModel:
   """The model described by `config.model` (+ which heads `config.objectives` read).
@@ -64,7 +73,8 @@ def build_model(config: ml_collections.ConfigDict, vocab_size: int | None = None
   """
   m = config.model
   dtype = DTYPES[m.get("dtype", "float32")]
-  common = dict(dropout=m.get("dropout", 0.0), drop_path=m.get("drop_path", 0.0), dtype=dtype)
+  common = dict(dropout=m.get("dropout", 0.0), drop_path=m.get("drop_path", 0.0), dtype=dtype,
+                peft=peft_of(config))
   objectives = set(config.get("objectives", {}))
 
   image = None
@@ -94,6 +104,14 @@ def build_model(config: ml_collections.ConfigDict, vocab_size: int | None = None
   needs_fusion = objectives & {"itm", "mlm"}
   if needs_fusion and fusion is None:
     raise ValueError(f"objectives {sorted(needs_fusion)} need model.fusion")
+  classifier = m.get("classifier") or {}
+  num_classes, classify_input = classifier.get("num_classes", 0), classifier.get("input", "image")
+  if num_classes:
+    towers = {"image": image, "text": text, "fusion": fusion}
+    needed = ("image", "text", "fusion") if classify_input == "fusion" else (classify_input,)
+    absent = [t for t in needed if towers.get(t, 0) is None]
+    if absent:
+      raise ValueError(f"model.classifier.input={classify_input!r} needs model.{absent[0]}")
 
   special = special_ids or {}
   return MultimodalModel(
@@ -103,4 +121,5 @@ def build_model(config: ml_collections.ConfigDict, vocab_size: int | None = None
       mask_id=special.get("mask", 4),
       special_ids=tuple(special.get(k, d) for k, d in (("pad", 0), ("cls", 2), ("sep", 3))),
       logit_scale_init=m.get("logit_scale_init", 2.6593),
-      logit_bias_init=m.get("logit_bias_init", 0.0), dtype=dtype)
+      logit_bias_init=m.get("logit_bias_init", 0.0), num_classes=num_classes,
+      classify_input=classify_input, tower_splits=m.get("tower_splits", 1), dtype=dtype)

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from mmjax.models.heads import MlmHead
-from mmjax.models.layers import Dense, Encoder, key_mask
+from mmjax.models.layers import Dense, Encoder, Peft, key_mask
 
 
 def pool_tokens(x: jax.Array, mask: jax.Array, how: str) -> jax.Array:
@@ -50,6 +50,7 @@ class TextEncoder(nn.Module):
   post_norm: bool = False    # post-LN blocks and no final LayerNorm (BERT)
   pooler: bool = False       # tanh(Dense(pooled)), BERT's pooler
   head: str = ""             # "lm": logits tied to token_embed (GPT-2); "mlm": BERT's MLM head
+  peft: Peft = Peft()        # LoRA / adapters in every block
 
   @nn.compact
   def __call__(self, ids: jax.Array, mask: jax.Array, *, type_ids: jax.Array | None = None,
@@ -73,7 +74,7 @@ class TextEncoder(nn.Module):
       attn_mask = attn_mask & jnp.tril(jnp.ones((length, length), bool))[None, None]
     x = Encoder(self.depth, self.heads, self.mlp_dim, self.act, dropout=self.dropout,
                 drop_path=self.drop_path, ln_eps=self.ln_eps, final_norm=not self.post_norm,
-                dtype=self.dtype, post_norm=self.post_norm, name="encoder")(
+                dtype=self.dtype, post_norm=self.post_norm, peft=self.peft, name="encoder")(
                     x, attn_mask, train=train)
     pooled = pool_tokens(x, mask, self.pool)
     if self.pooler:

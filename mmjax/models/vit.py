@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmjax.models.layers import Dense, Encoder
+from mmjax.models.layers import Dense, Encoder, Peft
 
 
 def resample_posemb(posemb: jax.Array, grid: tuple[int, int]) -> jax.Array:
@@ -53,6 +53,7 @@ class ViT(nn.Module):
   final_norm: str = "tokens"  # LayerNorm on every output token, or on the "pooled" one (CLIP)
   pooler: bool = False       # tanh(Dense(pooled)), HF ViTModel's pooler
   num_classes: int = 0       # > 0: a linear classifier "head" on the pooled token
+  peft: Peft = Peft()        # LoRA / adapters in every block
 
   @nn.compact
   def __call__(self, images: jax.Array, *, train: bool = False) -> dict[str, jax.Array]:
@@ -77,7 +78,7 @@ class ViT(nn.Module):
     x = nn.Dropout(self.dropout)(x, deterministic=not train)
     x = Encoder(self.depth, self.heads, self.mlp_dim, self.act, dropout=self.dropout,
                 drop_path=self.drop_path, ln_eps=self.ln_eps,
-                final_norm=self.final_norm == "tokens", dtype=self.dtype,
+                final_norm=self.final_norm == "tokens", dtype=self.dtype, peft=self.peft,
                 name="encoder")(x, train=train)
     if self.pool == "cls":
       pooled = x[:, 0]

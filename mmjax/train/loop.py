@@ -22,6 +22,7 @@ from mmjax import data as mmdata
 from mmjax import objectives, parallel
 from mmjax.evaluate import EvalContext, run_evals
 from mmjax.evaluate.embed import Embedder
+from mmjax.finetune.strategies import Plan, make_plan
 from mmjax.models import build_model
 from mmjax.train.checkpoint import Checkpointer
 from mmjax.train.metrics_writer import MetricWriter
@@ -48,6 +49,7 @@ class Run:
   schedule: Any
   state: TrainState            # freshly initialised, sharded
   state_sharding: Any
+  plan: Plan | None = None     # what trains (config.finetune); None: everything
 
 
 def dummy_batch(config, batch_size: int = 2) -> dict[str, np.ndarray]:
@@ -75,7 +77,9 @@ def setup(config: ml_collections.ConfigDict, devices=None) -> Run:
     return model.init(rngs, batch, train=False)["params"]
 
   abstract_params = jax.eval_shape(init_params)
-  tx, schedule = make_optimizer(config.optim, abstract_params, config.total_steps)
+  plan = make_plan(config.finetune, abstract_params) if config.get("finetune") else None
+  tx, schedule = make_optimizer(config.optim, abstract_params, config.total_steps,
+                                plan.lr_scale if plan else None)
 
   def init_state():
     params = init_params()
@@ -85,7 +89,23 @@ def setup(config: ml_collections.ConfigDict, devices=None) -> Run:
   abstract = jax.eval_shape(init_state)
   state_sharding = parallel.shardings(parallel.param_specs(abstract, rules, mesh), mesh)
   state = jax.jit(init_state, out_shardings=state_sharding)()
-  return Run(config, tokenizer, model, mesh, tx, schedule, state, state_sharding)
+  return Run(config, tokenizer, model, mesh, tx, schedule, state, state_sharding, plan)
+
+
+def loss_function(config: ml_collections.ConfigDict):
+  """The weighted objectives of `config`, with their `objective_options`."""
+  options = {k: dict(v) for k, v in config.get("objective_options", {}).items()}
+  return objectives.combined(dict(config.objectives), options)
+
+
+def make_step(run: Run, loss_fn=None):
+  """The run's train step, jitted with its shardings (state donated)."""
+  plan = run.plan
+  step = make_train_step(run.model, run.tx, loss_fn or loss_function(run.config), run.schedule,
+                         trainable=plan.trainable if plan else None,
+                         unfreeze_step=plan.unfreeze_step if plan else None)
+  return jax.jit(step, in_shardings=(run.state_sharding, parallel.batch_sharding(run.mesh)),
+                 out_shardings=(run.state_sharding, None), donate_argnums=0)
 
 
 def _mean_metrics(pending: list[dict]) -> dict[str, float]:
@@ -129,16 +149,22 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
     if "iterator" in data_state:
       iterator.set_state(data_state["iterator"])
     log.info("resumed from %s at step %d", ckpt.directory, start)
-  loss_fn = objectives.combined(dict(c.objectives))
-  step_fn = jax.jit(make_train_step(run.model, run.tx, loss_fn, run.schedule),
-                    in_shardings=(run.state_sharding, parallel.batch_sharding(run.mesh)),
-                    out_shardings=(run.state_sharding, None), donate_argnums=0)
+  elif c.get("init") and c.init.get("path"):
+    from mmjax.finetune.init import load_init  # pylint: disable=g-import-not-at-top
+    params, _ = load_init(c, jax.device_get(state.params))
+    state = state.replace(params=jax.device_put(params, run.state_sharding.params))
+  if run.plan is not None:
+    n_train, n_all = run.plan.count(state.params)
+    log.info("finetune %s: %d of %d params train (%.2f%%)", c.finetune.strategy, n_train,
+             n_all, 100 * n_train / n_all)
+  step_fn = make_step(run)
   writer = MetricWriter(workdir)
   if jax.process_index() == 0:
     (workdir / "config.json").write_text(c.to_json_best_effort(indent=2))
 
   def evaluate_now(step):
-    ctx = EvalContext(c, run.tokenizer, Embedder(run.model, state.params, run.mesh))
+    ctx = EvalContext(c, run.tokenizer, Embedder(run.model, state.params, run.mesh),
+                      workdir=workdir)
     metrics = run_evals(ctx, c.get("evals", {}))
     writer.write(step, metrics, kind="eval")
     return metrics
@@ -208,5 +234,6 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
              step: int | None = None) -> dict[str, float]:
   """Run `config.evals` on the latest (or given) checkpoint of `workdir`."""
   run, state, step = restore(config, workdir, step)
-  ctx = EvalContext(config, run.tokenizer, Embedder(run.model, state.params, run.mesh))
+  ctx = EvalContext(config, run.tokenizer, Embedder(run.model, state.params, run.mesh),
+                    workdir=pathlib.Path(workdir))
   return dict(run_evals(ctx, config.get("evals", {})), step=step)

@@ -18,19 +18,36 @@ def step_rngs(rng: jax.Array, step: jax.Array) -> dict[str, jax.Array]:
 
 
 def make_train_step(model, tx: optax.GradientTransformation, loss_fn: Callable,
-                    schedule: optax.Schedule) -> Callable:
+                    schedule: optax.Schedule, trainable: Any = None,
+                    unfreeze_step: Any = None) -> Callable:
   """(state, batch) -> (state, metrics). A step whose loss or gradients are not
-  finite leaves the state untouched and reports `finite = 0`."""
+  finite leaves the state untouched and reports `finite = 0`.
+
+  trainable: a bool per param (a finetune Plan's); False ones are held constant
+    (stop_gradient), so no backward pass runs for what only they need.
+  unfreeze_step: an int per param (progressive unfreezing); before that step the
+    param's gradient and update are zeroed (no moments, no weight decay). The
+    mask reads state.step inside the step, so it compiles once for every stage.
+  """
 
   def train_step(state: TrainState, batch: dict[str, jax.Array]):
     rngs = step_rngs(state.rng, state.step)
 
     def compute(params):
+      if trainable is not None:
+        params = jax.tree.map(lambda p, t: p if t else jax.lax.stop_gradient(p), params,
+                              trainable)
       outputs = model.apply({"params": params}, batch, train=True, rngs=rngs)
       return loss_fn(outputs, batch)
 
     (loss, metrics), grads = jax.value_and_grad(compute, has_aux=True)(state.params)
+    if unfreeze_step is not None:
+      live = lambda tree: jax.tree.map(lambda x, s: jnp.where(state.step >= s, x, 0), tree,
+                                       unfreeze_step)
+      grads = live(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    if unfreeze_step is not None:
+      updates = live(updates)
     params = optax.apply_updates(state.params, updates)
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
