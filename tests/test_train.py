@@ -48,23 +48,26 @@ def test_resume_equals_uninterrupted(tmp_path):
     np.testing.assert_array_equal(x, y)
 
 
-def test_one_device_equals_eight_devices():
+def test_one_device_equals_eight_devices_and_fsdp():
   code = r"""
 import jax, numpy as np, mmjax
-from mmjax import data, objectives, parallel
-from mmjax.train.loop import setup
-from mmjax.train.steps import make_train_step
+from jax.sharding import PartitionSpec as P
+from mmjax import data, parallel
+from mmjax.train.loop import make_step, setup
 assert jax.device_count() == 8
-c = mmjax.load_config("demo:tiny", ["--config.model.dropout=0.1"])
+base = ["--config.model.dropout=0.1"]
+fsdp = base + ["--config.mesh.data=4", "--config.mesh.fsdp=2",
+               "--config.sharding_rules=((r'kernel$', ('fsdp',)),)"]
 got = {}
-for n in (1, 8):
+for name, n, overrides in (("one", 1, base), ("eight", 8, base), ("fsdp", 8, fsdp)):
+  c = mmjax.load_config("demo:tiny", overrides)
   run = setup(c, devices=jax.devices()[:n])
+  if name == "fsdp":
+    spec = run.state.params["image_tower"]["encoder"]["block_0"]["mlp"]["fc1"]["kernel"].sharding.spec
+    assert spec == P("fsdp"), spec
   it = data.make_iterator(c.data, "train", batch_size=c.batch_size, train=True,
                           tokenizer=run.tokenizer)
-  step = jax.jit(make_train_step(run.model, run.tx, objectives.combined(dict(c.objectives)),
-                                 run.schedule),
-                 in_shardings=(run.state_sharding, parallel.batch_sharding(run.mesh)),
-                 out_shardings=(run.state_sharding, None))
+  step = make_step(run)
   s = run.state
   losses = []
   for _ in range(3):
@@ -72,16 +75,48 @@ for n in (1, 8):
     assert len(b["image"].sharding.device_set) == n
     s, m = step(s, b)
     losses.append(float(m["loss"]))
-  got[n] = (losses, jax.device_get(s.params))
-np.testing.assert_allclose(got[1][0], got[8][0], rtol=1e-5)
-diff = max(float(np.max(np.abs(x - y))) for x, y in
-           zip(jax.tree.leaves(got[1][1]), jax.tree.leaves(got[8][1])))
-assert diff < 1e-5, diff
-print("max param diff", diff, "losses", got[1][0], got[8][0])
+  got[name] = (losses, jax.device_get(s.params))
+for name in ("eight", "fsdp"):
+  np.testing.assert_allclose(got["one"][0], got[name][0], rtol=1e-5)
+  diff = max(float(np.max(np.abs(x - y))) for x, y in
+             zip(jax.tree.leaves(got["one"][1]), jax.tree.leaves(got[name][1])))
+  assert diff < 1e-5, (name, diff)
+  print(name, "max param diff", diff)
 """
   r = run_python(code, devices=8)
   assert r.returncode == 0, r.stderr[-3000:]
-  assert "max param diff" in r.stdout
+  assert "fsdp max param diff" in r.stdout
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+  """accum_steps=2 on half batches == one step on the whole batch (a per-example loss)."""
+  import jax.numpy as jnp
+  from mmjax import data, parallel
+  from mmjax.train.loop import make_step
+
+  def run_steps(overrides, splits):
+    c = mmjax.load_config("configs/finetune_digits.py:tiny",
+                          ["--config.optim.name=sgd", "--config.optim.lr=0.1",
+                           "--config.optim.warmup_steps=0",
+                           "--config.model.drop_path=0.0",
+                           "--config.data.augment.crop_scale=(1.0,1.0)"] + overrides)
+    run = setup(c)
+    batch = next(data.make_iterator(c.data, "train", batch_size=16, train=True,
+                                    tokenizer=run.tokenizer))
+    step, s = make_step(run), run.state
+    for part in range(splits):
+      half = {k: v[part * 16 // splits:(part + 1) * 16 // splits] for k, v in batch.items()}
+      s, _ = step(s, parallel.device_batch(half, run.mesh))
+    return jax.device_get(s.params)
+
+  whole = run_steps(["--config.batch_size=16"], 1)
+  accumulated = run_steps(["--config.batch_size=8", "--config.optim.accum_steps=2"], 2)
+  for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(accumulated)):
+    np.testing.assert_allclose(a, b, atol=1e-6)
+  start = jax.device_get(setup(mmjax.load_config("configs/finetune_digits.py:tiny")).state.params)
+  moved = max(float(jnp.max(jnp.abs(a - b))) for a, b in
+              zip(jax.tree.leaves(whole), jax.tree.leaves(start)))
+  assert moved > 1e-3
 
 
 def test_nan_stops_training_and_keeps_last_good_checkpoint(tmp_path):
