@@ -48,3 +48,24 @@ def test_linear_probe_reads_labels_aligned_with_images():
   ctx = EvalContext(config, run.tokenizer, Embedder(run.model, run.state.params, run.mesh))
   out = run_evals(ctx, {"probe": ev})
   assert out["probe_acc"] > 0.28, out
+
+
+def test_held_out_sources_are_built_once_across_evaluations(monkeypatch):
+  """The loop shares one `sources` dict across evaluations: a user's files are
+  validated once per run, not once per evaluator and eval step."""
+  from mmjax import data as mmdata
+  calls = []
+  real = mmdata.build_source
+  monkeypatch.setattr(mmdata, "build_source",
+                      lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+  config = mmjax.load_config("demo:tiny")
+  run = setup(config)
+  evals = {k: config.evals[k] for k in ("retrieval", "itm", "zeroshot_color")}
+  sources = {}
+  for _ in range(2):   # two evaluation steps of one run
+    ctx = EvalContext(config, run.tokenizer, Embedder(run.model, run.state.params, run.mesh),
+                      sources=sources)
+    out = run_evals(ctx, evals)
+    assert 0.0 <= out["zeroshot_color_acc"] <= 1.0
+  # retrieval and itm share the test split; zero-shot reads single-object test images.
+  assert calls == ["test", "test"]

@@ -32,6 +32,9 @@ class EvalContext:
   cache: dict = dataclasses.field(default_factory=dict)
   workdir: pathlib.Path | None = None   # where evaluators write files (None: nowhere)
   name: str = ""                        # the evaluator being run (config.evals key)
+  # Built data sources by (split, data config). The train loop passes one dict to
+  # every evaluation, so a user's files are validated once per run, not per eval.
+  sources: dict = dataclasses.field(default_factory=dict)
 
   def data_config(self, ev) -> ml_collections.ConfigDict:
     cfg = copy.deepcopy(self.config.data)
@@ -40,30 +43,42 @@ class EvalContext:
         cfg[k] = v
     return cfg
 
+  def source(self, ev, split: str | None = None):
+    dcfg, split = self.data_config(ev), split or ev.get("split", "test")
+    key = (split, dcfg.to_json())
+    if key not in self.sources:
+      self.sources[key] = mmdata.build_source(dcfg, split)
+    return self.sources[key]
+
+  def batches(self, ev, split: str | None = None):
+    """One unshuffled pass over `split` (default ev.split), padded to whole batches."""
+    split = split or ev.get("split", "test")
+    batch_size = self.config.get("eval_batch_size", 256) // jax.process_count()
+    return mmdata.make_iterator(self.data_config(ev), split, batch_size=batch_size,
+                                train=False, tokenizer=self.tokenizer,
+                                source=self.source(ev, split))
+
+  def classnames(self, ev, label: str) -> list[str]:
+    return list(ev.get("classnames", ())) or list(self.source(ev).label_names[label])
+
   def embedded(self, ev, match: bool = False, split: str | None = None,
                limit: int = 0) -> dict[str, np.ndarray]:
     """Embeddings of `split` (default ev.split), its first `limit` batches' worth
     of examples when limit > 0; cached per split, data config and options."""
-    dcfg = self.data_config(ev)
     split = split or ev.get("split", "test")
-    key = (split, dcfg.to_json(), match, limit)
+    key = (split, self.data_config(ev).to_json(), match, limit)
     if key not in self.cache:
-      batch_size = self.config.get("eval_batch_size", 256)
-      batches = mmdata.make_iterator(dcfg, split, batch_size=batch_size // jax.process_count(),
-                                     train=False, tokenizer=self.tokenizer)
+      batches = self.batches(ev, split)
       if limit:
-        batches = itertools.islice(batches, -(-limit // batch_size))
+        batches = itertools.islice(batches, -(-limit // self.config.get("eval_batch_size", 256)))
       self.cache[key] = self.embedder.split(batches, match=match)
     return self.cache[key]
 
 
 def zeroshot(ctx: EvalContext, ev) -> dict[str, float]:
-  dcfg = ctx.data_config(ev)
   label = ev.label
-  names = list(ev.get("classnames", ())) or list(
-      mmdata.build_source(dcfg, ev.get("split", "test")).label_names[label])
-  texts = prompts(names, ev.templates)
-  ids, mask = ctx.tokenizer.encode(texts, dcfg.max_len)
+  names = ctx.classnames(ev, label)
+  ids, mask = ctx.tokenizer.encode(prompts(names, ev.templates), ctx.data_config(ev).max_len)
   got = ctx.embedded(ev)
   scores = class_scores(got["image_emb"], ctx.embedder.texts(ids, mask), len(names),
                         ev.get("ensemble", "mean"))
@@ -102,15 +117,10 @@ def classification(ctx: EvalContext, ev) -> dict[str, float]:
   """The model's classifier on `ev.split`: accuracy, macro and weighted P/R/F1, and
   per-class F1; logs scikit-learn's table and writes <workdir>/reports/<name>.json
   and <name>_confusion.png."""
-  dcfg = ctx.data_config(ev)
   split = ev.get("split", "test")
   label = ev.get("label", "label")
-  batch_size = ctx.config.get("eval_batch_size", 256)
-  batches = mmdata.make_iterator(dcfg, split, batch_size=batch_size // jax.process_count(),
-                                 train=False, tokenizer=ctx.tokenizer)
-  got = ctx.embedder.classify(batches, label)
-  names = list(ev.get("classnames", ())) or list(
-      mmdata.build_source(dcfg, split).label_names[label])
+  got = ctx.embedder.classify(ctx.batches(ev), label)
+  names = ctx.classnames(ev, label)
   rep = _classification.report(got[label], got["logits"].argmax(-1), names)
   name = ctx.name or "classification"
   log.info("%s on %s (%d examples):\n%s", name, split, len(got[label]), rep["text"])

@@ -162,9 +162,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
   if jax.process_index() == 0:
     (workdir / "config.json").write_text(c.to_json_best_effort(indent=2))
 
+  eval_sources: dict = {}     # held-out sources are built once per run, not per eval
+
   def evaluate_now(step):
     ctx = EvalContext(c, run.tokenizer, Embedder(run.model, state.params, run.mesh),
-                      workdir=workdir)
+                      workdir=workdir, sources=eval_sources)
     metrics = run_evals(ctx, c.get("evals", {}))
     writer.write(step, metrics, kind="eval")
     return metrics
