@@ -41,7 +41,7 @@ print(json.dumps(mmjax.train(c, sys.argv[1], progress=False)))
 FINETUNE = r"""
 import json, resource, sys, time, logging, mmjax
 from mmjax.config import load_config
-from mmjax.finetune import make_plan
+from mmjax.tuning import make_plan
 t0 = time.time()
 c = load_config("finetune_digits:" + sys.argv[2], ["--config.total_steps=" + sys.argv[4],
                 "--config.init.ignore=^classifier/"])

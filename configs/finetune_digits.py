@@ -11,7 +11,7 @@ arg: comma-separated tokens
 import ml_collections
 
 from mmjax.config import base_config, tower
-from mmjax.finetune.config import finetune_config, init_config
+from mmjax.tuning.config import finetune_config, init_config
 
 STRATEGY_DEFAULTS = {
     "full": {},

@@ -1,7 +1,7 @@
 """mmjax: multimodal models in JAX/Flax."""
 from mmjax.config import load_config
 from mmjax.convert import from_pretrained, save_pretrained
-from mmjax.finetune import finetune
+from mmjax.tuning import finetune
 from mmjax.models import build_model
 from mmjax.train.loop import evaluate, restore, train
 

@@ -3,10 +3,10 @@ import ml_collections
 import numpy as np
 
 import mmjax
-from mmjax.evaluate import EvalContext, run_evals
-from mmjax.evaluate.embed import Embedder
-from mmjax.evaluate.retrieval import recall_at_k, same_rows
-from mmjax.evaluate.zeroshot import class_scores, prompts
+from mmjax.evals import EvalContext, run_evals
+from mmjax.evals.embed import Embedder
+from mmjax.evals.retrieval import recall_at_k, same_rows
+from mmjax.evals.zeroshot import class_scores, prompts
 from mmjax.train.loop import setup
 
 

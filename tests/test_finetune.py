@@ -8,7 +8,7 @@ import optax
 import pytest
 
 from mmjax import objectives
-from mmjax.finetune import finetune_config, make_plan, merge_lora
+from mmjax.tuning import finetune_config, make_plan, merge_lora
 from mmjax.models import build_model
 from mmjax.parallel import path_name
 from mmjax.train.optimizer import make_optimizer

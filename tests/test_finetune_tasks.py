@@ -15,7 +15,7 @@ import pytest
 import mmjax
 from mmjax import objectives
 from mmjax.convert.workdir import read_workdir
-from mmjax.finetune.init import load_init
+from mmjax.tuning.init import load_init
 from mmjax.models import build_model
 from mmjax.train.checkpoint import CheckpointMismatch
 

@@ -20,9 +20,11 @@ from tqdm.auto import tqdm
 
 from mmjax import data as mmdata
 from mmjax import objectives, parallel
-from mmjax.evaluate import EvalContext, run_evals
-from mmjax.evaluate.embed import Embedder
-from mmjax.finetune.strategies import Plan, make_plan
+from mmjax.evals import EvalContext, run_evals
+from mmjax.evals.embed import Embedder
+from mmjax.train import mixing
+from mmjax.tuning.distill import Teacher, load_teacher
+from mmjax.tuning.strategies import Plan, make_plan
 from mmjax.models import build_model
 from mmjax.train.checkpoint import Checkpointer
 from mmjax.train.metrics_writer import MetricWriter
@@ -50,6 +52,7 @@ class Run:
   state: TrainState            # freshly initialised, sharded
   state_sharding: Any
   plan: Plan | None = None     # what trains (config.finetune); None: everything
+  teacher: Teacher | None = None   # config.distill's frozen teacher
 
 
 def dummy_batch(config, batch_size: int = 2) -> dict[str, np.ndarray]:
@@ -89,7 +92,8 @@ def setup(config: ml_collections.ConfigDict, devices=None) -> Run:
   abstract = jax.eval_shape(init_state)
   state_sharding = parallel.shardings(parallel.param_specs(abstract, rules, mesh), mesh)
   state = jax.jit(init_state, out_shardings=state_sharding)()
-  return Run(config, tokenizer, model, mesh, tx, schedule, state, state_sharding, plan)
+  return Run(config, tokenizer, model, mesh, tx, schedule, state, state_sharding, plan,
+             load_teacher(config, mesh))
 
 
 def loss_function(config: ml_collections.ConfigDict):
@@ -103,9 +107,16 @@ def make_step(run: Run, loss_fn=None):
   plan = run.plan
   step = make_train_step(run.model, run.tx, loss_fn or loss_function(run.config), run.schedule,
                          trainable=plan.trainable if plan else None,
-                         unfreeze_step=plan.unfreeze_step if plan else None)
-  return jax.jit(step, in_shardings=(run.state_sharding, parallel.batch_sharding(run.mesh)),
-                 out_shardings=(run.state_sharding, None), donate_argnums=0)
+                         unfreeze_step=plan.unfreeze_step if plan else None,
+                         batch_fn=mixing.batch_fn(run.config),
+                         teacher_fn=run.teacher.fn if run.teacher else None)
+  shardings = (run.state_sharding, parallel.batch_sharding(run.mesh))
+  if run.teacher is None:
+    return jax.jit(step, in_shardings=shardings, out_shardings=(run.state_sharding, None),
+                   donate_argnums=0)
+  jitted = jax.jit(step, in_shardings=shardings + (run.teacher.sharding,),
+                   out_shardings=(run.state_sharding, None), donate_argnums=0)
+  return lambda state, batch: jitted(state, batch, run.teacher.params)
 
 
 def _mean_metrics(pending: list[dict]) -> dict[str, float]:
@@ -150,7 +161,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
       iterator.set_state(data_state["iterator"])
     log.info("resumed from %s at step %d", ckpt.directory, start)
   elif c.get("init") and c.init.get("path"):
-    from mmjax.finetune.init import load_init  # pylint: disable=g-import-not-at-top
+    from mmjax.tuning.init import load_init  # pylint: disable=g-import-not-at-top
     params, _ = load_init(c, jax.device_get(state.params))
     state = state.replace(params=jax.device_put(params, run.state_sharding.params))
   if run.plan is not None:

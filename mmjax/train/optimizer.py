@@ -3,7 +3,7 @@
   clip (global norm) -> optimizer (AdamW / SGD / Lion, decay masked) ->
   frozen params: set_to_zero (and no optimizer state) -> accumulation (MultiSteps)
 
-Per-param learning-rate scales (from `mmjax.finetune`: layer-wise decay, per-group
+Per-param learning-rate scales (from `mmjax.tuning`: layer-wise decay, per-group
 or per-tower rates) become one optimizer per distinct scale in the multi_transform,
 each on the scaled schedule; scale 0 is frozen like `optim.frozen`.
 """

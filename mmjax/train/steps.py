@@ -9,7 +9,7 @@ import optax
 
 from mmjax.train.state import TrainState
 
-RNG_STREAMS = ("dropout", "itm", "mlm")
+RNG_STREAMS = ("dropout", "itm", "mlm", "mix")
 
 
 def step_rngs(rng: jax.Array, step: jax.Array) -> dict[str, jax.Array]:
@@ -19,26 +19,38 @@ def step_rngs(rng: jax.Array, step: jax.Array) -> dict[str, jax.Array]:
 
 def make_train_step(model, tx: optax.GradientTransformation, loss_fn: Callable,
                     schedule: optax.Schedule, trainable: Any = None,
-                    unfreeze_step: Any = None) -> Callable:
-  """(state, batch) -> (state, metrics). A step whose loss or gradients are not
-  finite leaves the state untouched and reports `finite = 0`.
+                    unfreeze_step: Any = None, batch_fn: Callable | None = None,
+                    teacher_fn: Callable | None = None) -> Callable:
+  """(state, batch[, teacher_params]) -> (state, metrics). A step whose loss or
+  gradients are not finite leaves the state untouched and reports `finite = 0`.
 
   trainable: a bool per param (a finetune Plan's); False ones are held constant
     (stop_gradient), so no backward pass runs for what only they need.
   unfreeze_step: an int per param (progressive unfreezing); before that step the
     param's gradient and update are zeroed (no moments, no weight decay). The
     mask reads state.step inside the step, so it compiles once for every stage.
+  batch_fn: (batch, rng) -> batch, a train-time transform of the whole batch on
+    device (mixup / cutmix) before the model sees it.
+  teacher_fn: (teacher_params, batch) -> {name: array}, a frozen teacher's outputs
+    (distillation); the loss sees them as outputs["teacher_<name>"].
   """
 
-  def train_step(state: TrainState, batch: dict[str, jax.Array]):
+  def train_step(state: TrainState, batch: dict[str, jax.Array], teacher_params: Any = None):
     rngs = step_rngs(state.rng, state.step)
+    mix_rng = rngs.pop("mix")
+    if batch_fn is not None:
+      batch = batch_fn(batch, mix_rng)
+    teacher = {}
+    if teacher_fn is not None:
+      teacher = {f"teacher_{k}": jax.lax.stop_gradient(v)
+                 for k, v in teacher_fn(teacher_params, batch).items()}
 
     def compute(params):
       if trainable is not None:
         params = jax.tree.map(lambda p, t: p if t else jax.lax.stop_gradient(p), params,
                               trainable)
       outputs = model.apply({"params": params}, batch, train=True, rngs=rngs)
-      return loss_fn(outputs, batch)
+      return loss_fn(dict(outputs, **teacher), batch)
 
     (loss, metrics), grads = jax.value_and_grad(compute, has_aux=True)(state.params)
     if unfreeze_step is not None:

@@ -12,9 +12,9 @@ import pathlib
 
 import ml_collections
 
-from mmjax.finetune.config import NEW_PARAMS, finetune_config, init_config
-from mmjax.finetune.lora import merge_lora
-from mmjax.finetune.strategies import STRATEGIES, Plan, make_plan
+from mmjax.tuning.config import NEW_PARAMS, finetune_config, init_config
+from mmjax.tuning.lora import merge_lora
+from mmjax.tuning.strategies import STRATEGIES, Plan, make_plan
 
 __all__ = ["NEW_PARAMS", "STRATEGIES", "Plan", "finetune", "finetune_config", "init_config",
            "make_plan", "merge_lora"]

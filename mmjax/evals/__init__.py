@@ -17,10 +17,10 @@ import ml_collections
 import numpy as np
 
 from mmjax import data as mmdata
-from mmjax.evaluate import classification as _classification
-from mmjax.evaluate.embed import Embedder
-from mmjax.evaluate.retrieval import retrieval as _retrieval
-from mmjax.evaluate.zeroshot import class_scores, prompts, zeroshot_accuracy
+from mmjax.evals import classification as _classification
+from mmjax.evals.embed import Embedder
+from mmjax.evals.retrieval import retrieval as _retrieval
+from mmjax.evals.zeroshot import class_scores, prompts, zeroshot_accuracy
 
 log = logging.getLogger("mmjax")
 
