@@ -138,4 +138,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.distributed = ml_collections.ConfigDict(dict(auto=False, coordinator="", num_processes=1,
                                                  process_id=0))
   c.evals = ml_collections.ConfigDict()
+  # Stop after `patience` evaluations without `metric` improving by > min_delta, and
+  # restore the best params (mmjax/train/early_stop.py); metric "" = off.
+  c.early_stop = ml_collections.ConfigDict(dict(metric="", mode="max", patience=3,
+                                                min_delta=0.0, keep_best=1))
   return c

@@ -122,15 +122,10 @@ def load_params(path, config, *, allow_missing: str = "", ignore: str = "") -> d
   return jax.tree.map(jnp.asarray, params)
 
 
-def from_pretrained(path, *, image_size: int = 0, max_len: int = 0, allow_missing: str = "",
-                    ignore: str = "", dtype: str = "float32") -> Pretrained:
-  """Load a local Hugging Face model directory as an mmjax model and its params.
-
-  image_size: build the image tower for another resolution; its position
-    embeddings are resampled (bilinear).
-  max_len: padded text length of batches (default: the checkpoint's).
-  allow_missing / ignore: see `load_params` (strict by default).
-  """
+def pretrained_config(path, *, image_size: int = 0, max_len: int = 0
+                      ) -> tuple[ml_collections.ConfigDict, ImagePreprocess | None]:
+  """(mmjax config with `model` and the `data` fields the model fixes, image
+  preprocessing) of the HF directory `path`; reads no weights."""
   directory = pathlib.Path(path).expanduser()
   hf = read_config(directory)
   arch = hf_config.architecture(hf)
@@ -147,6 +142,22 @@ def from_pretrained(path, *, image_size: int = 0, max_len: int = 0, allow_missin
       log.warning("%s: the image processor gives %s images; the model is built for %d",
                   directory, preprocess.output_size, config.data.image_size)
     config.data.mean, config.data.std = preprocess.mean, preprocess.std
+  return config, preprocess
+
+
+def from_pretrained(path, *, image_size: int = 0, max_len: int = 0, allow_missing: str = "",
+                    ignore: str = "", dtype: str = "float32") -> Pretrained:
+  """Load a local Hugging Face model directory as an mmjax model and its params.
+
+  image_size: build the image tower for another resolution; its position
+    embeddings are resampled (bilinear).
+  max_len: padded text length of batches (default: the checkpoint's).
+  allow_missing / ignore: see `load_params` (strict by default).
+  """
+  directory = pathlib.Path(path).expanduser()
+  config, preprocess = pretrained_config(directory, image_size=image_size, max_len=max_len)
+  hf = read_config(directory)
+  arch = hf_config.architecture(hf)
   config.model.dtype = dtype
   tokenizer = hf_tokenizer(directory)
   text = config.model.get("text")
@@ -166,10 +177,28 @@ def _default_preprocess(arch: str, config) -> ImagePreprocess:
   return ImagePreprocess.from_hf(dict(image_processor_type=kind, size=size, crop_size=s))
 
 
+def merge_peft(config, params):
+  """(config, params) with LoRA folded into the base kernels (finetune.lora_rank -> 0),
+  which any HF architecture can hold; adapters have no HF counterpart: an error."""
+  ft = config.get("finetune") or {}
+  if ft.get("adapter_dim", 0):
+    raise ValueError("the model has bottleneck adapters (finetune.adapter_dim="
+                     f"{ft.adapter_dim}), which no Hugging Face architecture holds; export "
+                     "a full or LoRA fine-tune instead")
+  if not ft.get("lora_rank", 0):
+    return config, params
+  from mmjax.tuning.lora import merge_lora  # pylint: disable=g-import-not-at-top
+  merged = merge_lora(params, ft.lora_alpha)
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.finetune.lora_rank = 0
+  return config, merged
+
+
 def save_pretrained(directory, config, params, *, hf_config_base: dict | None = None,
                     tokenizer=None, preprocess: ImagePreprocess | None = None) -> pathlib.Path:
   """Write config.json + model.safetensors (+ tokenizer.json, preprocessor_config.json)
   that transformers loads as the HF architecture `config.model` expresses."""
+  config, params = merge_peft(config, params)
   directory = pathlib.Path(directory)
   directory.mkdir(parents=True, exist_ok=True)
   hf = hf_config.to_hf(config, hf_config_base)

@@ -19,7 +19,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 from mmjax.config import load_config
-from mmjax.train.checkpoint import Checkpointer
+from mmjax.train.checkpoint import Checkpointer, fill_params
 from mmjax.train.optimizer import make_optimizer
 from mmjax.train.state import TrainState
 
@@ -92,8 +92,12 @@ def read_workdir(workdir, step: int | None = None):
     raise FileNotFoundError(f"no checkpoint in {ckpt.directory}")
   # No target: the params come back as saved, without rebuilding the optimizer or tokenizer.
   restored = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  params = restored.state["params"]
+  base = ckpt.base_of(step)
+  if base:   # a delta checkpoint: the frozen params come from the one it points to
+    params = fill_params(params, ckpt.base_params(step, base))
   ckpt.close()
-  return config, restored.state["params"], step
+  return config, params, step
 
 
 def hf_config_of(workdir) -> dict | None:

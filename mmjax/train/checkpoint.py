@@ -3,6 +3,12 @@
 Saves are asynchronous and atomic (Orbax writes to a temporary folder and
 renames), so a crash or a NaN stop never leaves a half-written latest step.
 Restoring takes the target's shardings, so a run may resume on another mesh.
+
+A fine-tune that freezes params it loaded from a pretrained checkpoint (LoRA,
+adapters, linear probe, partial) writes *delta* checkpoints: the frozen params
+are left out and the data item records {"base": {"path", "step", "params"}},
+the checkpoint they come from. Restoring reads them back from there, so a delta
+checkpoint loads into the full model like any other.
 """
 from __future__ import annotations
 
@@ -11,7 +17,10 @@ import pathlib
 from typing import Any
 
 import jax
+import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
+from flax import traverse_util
 
 from mmjax.parallel import path_name
 
@@ -43,6 +52,36 @@ def tree_mismatch(saved: dict[str, tuple], wanted: dict[str, tuple], limit: int 
   return "\n".join(parts)
 
 
+def drop_params(params: Any, names) -> Any:
+  """`params` without the leaves named in `names` ("a/b/kernel"; emptied dicts go too)."""
+  names = set(names)
+  flat = traverse_util.flatten_dict(params, sep="/")
+  return traverse_util.unflatten_dict({k: v for k, v in flat.items() if k not in names},
+                                      sep="/")
+
+
+def fill_params(saved: Any, base: dict[str, np.ndarray], like: Any = None) -> Any:
+  """`saved` params with the leaves they lack taken from `base` ({name: array}); with
+  `like` (the full params, arrays or ShapeDtypeStructs), in its structure, dtypes and
+  shardings."""
+  flat = dict(traverse_util.flatten_dict(saved, sep="/"))
+  if like is None:
+    flat.update({k: v for k, v in base.items() if k not in flat})
+    return traverse_util.unflatten_dict(flat, sep="/")
+
+  def pick(path, leaf):
+    name = path_name(path)
+    if name in flat:
+      return flat[name]
+    if isinstance(base[name], jax.Array):     # already on device (e.g. the live params)
+      return base[name]
+    value = np.asarray(base[name], leaf.dtype)
+    sharding = getattr(leaf, "sharding", None)
+    return jax.device_put(value, sharding) if sharding is not None else value
+
+  return jax.tree_util.tree_map_with_path(pick, like)
+
+
 class Checkpointer:
 
   def __init__(self, workdir: str | pathlib.Path, keep: int = 3, async_save: bool = True):
@@ -53,14 +92,20 @@ class Checkpointer:
                     config=ocp.JsonCheckpointHandler())
     self.manager = ocp.CheckpointManager(self.directory, options=options,
                                          item_handlers=handlers)
+    # {"path", "step", "params": names}: frozen params left out of every save (delta).
+    self.base: dict | None = None
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
   def save(self, step: int, state: Any, data_state: dict | None, config_json: str) -> None:
+    data_state = dict(data_state or {})
+    if self.base:
+      state = state.replace(params=drop_params(state.params, self.base["params"]))
+      data_state["base"] = self.base
     self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
-        data=ocp.args.JsonSave(data_state or {}),
+        data=ocp.args.JsonSave(data_state),
         config=ocp.args.JsonSave(json.loads(config_json))))
 
   def restore(self, target: Any, step: int | None = None) -> tuple[Any, dict, int]:
@@ -68,6 +113,10 @@ class Checkpointer:
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    base = self.base_of(step)
+    full = target
+    if base:
+      target = target.replace(params=drop_params(target.params, base["params"]))
     saved = self.manager.item_metadata(step)["state"]
     problems = tree_mismatch(shapes_by_name(saved["params"]), shapes_by_name(target.params))
     if problems:
@@ -83,7 +132,24 @@ class Checkpointer:
           f"checkpoint {self.directory}/{step} has params that fit, but its optimizer "
           f"state does not fit this run's optimizer (did optim.* change since it was "
           f"written?): {e}") from e
-    return restored.state, dict(restored.data or {}), step
+    state = restored.state
+    if base:
+      state = state.replace(params=fill_params(state.params, self.base_params(step, base),
+                                               full.params))
+    return state, dict(restored.data or {}), step
+
+  def base_of(self, step: int) -> dict | None:
+    """The base pointer of a delta checkpoint, None for a full one."""
+    data = self.manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore())).data
+    return (data or {}).get("base")
+
+  def config_of(self, step: int) -> ml_collections.ConfigDict:
+    got = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+    return ml_collections.ConfigDict(got.config)
+
+  def base_params(self, step: int, base: dict) -> dict[str, np.ndarray]:
+    from mmjax.tuning.init import base_params  # pylint: disable=g-import-not-at-top
+    return base_params(base, self.config_of(step))
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

@@ -22,8 +22,10 @@ from mmjax import data as mmdata
 from mmjax import objectives, parallel
 from mmjax.evals import EvalContext, run_evals
 from mmjax.evals.embed import Embedder
-from mmjax.train import mixing
+from mmjax.train import early_stop, mixing
+from mmjax.train.early_stop import EarlyStopping
 from mmjax.tuning.distill import Teacher, load_teacher
+from mmjax.tuning.init import towers_from_init
 from mmjax.tuning.strategies import Plan, make_plan
 from mmjax.models import build_model
 from mmjax.train.checkpoint import Checkpointer
@@ -63,7 +65,9 @@ def dummy_batch(config, batch_size: int = 2) -> dict[str, np.ndarray]:
 
 
 def setup(config: ml_collections.ConfigDict, devices=None) -> Run:
-  """Tokenizer, model, mesh (over `devices`, default all), optimizer, initial state."""
+  """Tokenizer, model, mesh (over `devices`, default all), optimizer, initial state.
+  `run.config` is `config` with what `init.towers` takes from the init checkpoint."""
+  config = towers_from_init(config)
   parallel.maybe_initialize_distributed(config)
   tokenizer = mmdata.get_tokenizer(config.data)
   special = {"pad": tokenizer.pad_id, "cls": tokenizer.cls_id, "sep": tokenizer.sep_id,
@@ -100,6 +104,17 @@ def loss_function(config: ml_collections.ConfigDict):
   """The weighted objectives of `config`, with their `objective_options`."""
   options = {k: dict(v) for k, v in config.get("objective_options", {}).items()}
   return objectives.combined(dict(config.objectives), options)
+
+
+def delta_base(plan: Plan | None, base: dict, config) -> dict | None:
+  """What a fine-tune's checkpoints may leave out: params loaded from the base and
+  frozen for the whole run (None: save everything)."""
+  if plan is None or config.finetune.get("save_frozen", False):
+    return None
+  frozen = {parallel.path_name(p) for p, on in
+            jax.tree_util.tree_flatten_with_path(plan.trainable)[0] if not on}
+  omit = sorted(frozen & set(base["params"]))
+  return dict(base, params=omit) if omit else None
 
 
 def make_step(run: Run, loss_fn=None):
@@ -146,7 +161,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
   t0 = time.time()
   workdir = pathlib.Path(workdir)
   run = setup(config)
-  c = config
+  c = run.config
   per_process = c.batch_size // jax.process_count()
   if per_process * jax.process_count() != c.batch_size or c.batch_size % jax.device_count():
     raise ValueError(f"batch_size={c.batch_size} must divide over {jax.process_count()} "
@@ -154,16 +169,21 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
   iterator = mmdata.make_iterator(c.data, "train", batch_size=per_process, train=True,
                                   tokenizer=run.tokenizer)
   ckpt = Checkpointer(workdir, keep=c.get("keep_checkpoints", 3))
+  stopper = EarlyStopping(c, workdir, run.plan) if early_stop.enabled(c) else None
   state, start = run.state, 0
   if ckpt.latest_step() is not None:
     state, data_state, start = ckpt.restore(state)
     if "iterator" in data_state:
       iterator.set_state(data_state["iterator"])
+    ckpt.base = data_state.get("base")       # a delta run stays a delta run
+    if stopper and "early_stop" in data_state:
+      stopper.load_state_dict(data_state["early_stop"])
     log.info("resumed from %s at step %d", ckpt.directory, start)
   elif c.get("init") and c.init.get("path"):
     from mmjax.tuning.init import load_init  # pylint: disable=g-import-not-at-top
-    params, _ = load_init(c, jax.device_get(state.params))
+    params, info = load_init(c, jax.device_get(state.params))
     state = state.replace(params=jax.device_put(params, run.state_sharding.params))
+    ckpt.base = delta_base(run.plan, info["base"], c)
   if run.plan is not None:
     n_train, n_all = run.plan.count(state.params)
     log.info("finetune %s: %d of %d params train (%.2f%%)", c.finetune.strategy, n_train,
@@ -175,16 +195,27 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
 
   eval_sources: dict = {}     # held-out sources are built once per run, not per eval
 
-  def evaluate_now(step):
+  def evaluate_now(step, record=True):
     ctx = EvalContext(c, run.tokenizer, Embedder(run.model, state.params, run.mesh),
                       workdir=workdir, sources=eval_sources)
     metrics = run_evals(ctx, c.get("evals", {}))
-    writer.write(step, metrics, kind="eval")
+    if record:
+      writer.write(step, metrics, kind="eval")
     return metrics
+
+  def data_state():
+    d = {"iterator": iterator.get_state()}
+    if stopper:
+      d["early_stop"] = stopper.state_dict()
+    return d
 
   stop = c.total_steps
   if c.get("stop_after", 0):
     stop = min(stop, start + c.stop_after)
+  if stopper and stopper.stopped:
+    log.info("%s stopped early at step %d (best step %s); nothing left to train", workdir,
+             start, stopper.best_step)
+    stop = start
   bar = tqdm(total=c.total_steps, initial=start, disable=not progress or jax.process_index(),
              unit="step", dynamic_ncols=True)
   pending, t_log, n_log = [], time.time(), 0
@@ -210,19 +241,34 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
       pending, t_log, n_log = [], time.time(), 0
     if c.get("checkpoint_every", 0) and step % c.checkpoint_every == 0 and step != stop:
       _check_finite(pending, step, ckpt)
-      ckpt.save(step, state, {"iterator": iterator.get_state()}, c.to_json_best_effort())
+      ckpt.save(step, state, data_state(), c.to_json_best_effort())
     if c.get("eval_every", 0) and step % c.eval_every == 0 and step != stop:
       eval_metrics = evaluate_now(step)
       t_log = time.time()
+      if stopper and stopper.update(step, eval_metrics, state.params):
+        log.info("early stop at step %d: %s has not improved by > %g for %d evaluations "
+                 "(best %.4f at step %d)", step, stopper.metric, stopper.min_delta,
+                 stopper.patience, stopper.best, stopper.best_step)
+        stop = step
+        break
   bar.close()
-  if stop > start:
-    ckpt.save(stop, state, {"iterator": iterator.get_state()}, c.to_json_best_effort())
-  if stop == c.total_steps:
+  if stop == c.total_steps and not (stopper and stopper.stopped):
     eval_metrics = evaluate_now(stop)
+    if stopper and stop > start:
+      stopper.update(stop, eval_metrics, state.params)
+  finished = stop == c.total_steps or (stopper is not None and stopper.stopped)
+  if stopper and finished and stop > start and stopper.best_step not in (None, stop):
+    state = state.replace(params=stopper.best_params(state.params))
+    eval_metrics = evaluate_now(stop, record=False)    # the restored best (reports too)
+  if stop > start:
+    ckpt.save(stop, state, data_state(), c.to_json_best_effort())
   ckpt.wait()
   ckpt.close()
   writer.close()
   result = dict(eval_metrics, steps=stop, seconds=round(time.time() - t0, 1))
+  if stopper:
+    result.update(best_step=stopper.best_step, early_stopped=stopper.stopped)
+    stopper.close()
   if train_steps:
     result["train_images_per_s"] = round(train_steps * c.batch_size / train_seconds, 1)
   if jax.process_index() == 0:
@@ -247,6 +293,6 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
              step: int | None = None) -> dict[str, float]:
   """Run `config.evals` on the latest (or given) checkpoint of `workdir`."""
   run, state, step = restore(config, workdir, step)
-  ctx = EvalContext(config, run.tokenizer, Embedder(run.model, state.params, run.mesh),
+  ctx = EvalContext(run.config, run.tokenizer, Embedder(run.model, state.params, run.mesh),
                     workdir=pathlib.Path(workdir))
-  return dict(run_evals(ctx, config.get("evals", {})), step=step)
+  return dict(run_evals(ctx, run.config.get("evals", {})), step=step)

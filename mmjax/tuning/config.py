@@ -33,6 +33,8 @@ def finetune_config(**overrides) -> ml_collections.ConfigDict:
       # with any strategy
       layer_decay=1.0,        # < 1: layer-wise lr decay, decay ** (layers above) per tower
       lr_groups=(),           # ((regex, lr scale), ...): the first match scales a param
+      # checkpoints leave out frozen params loaded from init.path (a pointer instead)
+      save_frozen=False,      # True: write every param anyway
   )
   unknown = set(overrides) - set(c)
   if unknown:
@@ -47,6 +49,7 @@ def init_config(**overrides) -> ml_collections.ConfigDict:
       step=-1,                # workdir checkpoint step; -1 = latest
       new=NEW_PARAMS,         # regex: params that may be absent from the checkpoint
       ignore="",              # regex: checkpoint params (HF: tensor names) to leave unused
+      towers=False,           # True: model towers + image size/text length/tokenizer from path
   )
   unknown = set(overrides) - set(c)
   if unknown:
