@@ -1,9 +1,10 @@
 """Every fine-tuning strategy on scikit-learn digits, from one pretrained checkpoint.
 
-  python benchmarks/finetune_digits.py [--steps 300] [--pretrain-steps 600] [--workdir DIR]
+  python benchmarks/finetune_digits.py [--base clip|shapes] [--steps 300] [--pretrain-steps 600] [--workdir DIR]
 
-1. Pretrain the configs/finetune_digits.py ViT as a 4-way shape classifier on the
-   built-in `shapes` data (another domain: rendered shapes, not handwriting), once.
+1. Pretrain the configs/finetune_digits.py ViT once, as `--base` says: `clip`
+   (default; contrastive on digits' train images + captions) or `shapes` (a shape
+   classifier on the built-in rendered shapes: another domain).
 2. Fine-tune it on digits with each strategy (configs/finetune_digits.py:<strategy>,
    classifier re-initialised), each in its own process, and measure test accuracy on
    the held-out 20%, trainable params, wall time (incl. compilation) and peak RSS.
@@ -21,11 +22,24 @@ import sys
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from configs.finetune_digits import CLIP_ONLY  # noqa: E402  pylint: disable=g-import-not-at-top
 STRATEGIES = ("full", "partial", "per_modality", "linear_probe", "progressive", "lora",
               "adapters")
-BEGIN, END = "<!-- finetune_digits: begin -->", "<!-- finetune_digits: end -->"
+MARKS = lambda base: (f"<!-- finetune_digits[{base}]: begin -->",
+                      f"<!-- finetune_digits[{base}]: end -->")
 
-PRETRAIN = r"""
+# Two bases for the same image tower. "clip": CLIP-style contrastive pretraining on
+# digits' train images and their captions (in domain: the captions name the digit, so
+# the features fit the task); "shapes": a 4-way shape classifier on rendered shapes
+# (out of domain: handwriting shares little with it).
+PRETRAIN = {
+    "clip": r"""
+import json, sys, mmjax
+c = mmjax.load_config("finetune_digits:clip_pretrain", ["--config.total_steps=" + sys.argv[2]])
+print(json.dumps(mmjax.train(c, sys.argv[1], progress=False)))
+""",
+    "shapes": r"""
 import json, sys, mmjax, ml_collections
 from configs.finetune_digits import get_config
 c = get_config()
@@ -36,7 +50,10 @@ c.model.classifier.num_classes = 4
 c.objective_options.classify.label = "shape"
 c.evals.report.label = "shape"
 print(json.dumps(mmjax.train(c, sys.argv[1], progress=False)))
-"""
+""",
+}
+# Base params the image classifier does not use.
+IGNORE = {"clip": CLIP_ONLY, "shapes": r"^classifier/"}
 
 FINETUNE = r"""
 import json, resource, sys, time, logging, mmjax
@@ -44,7 +61,7 @@ from mmjax.config import load_config
 from mmjax.tuning import make_plan
 t0 = time.time()
 c = load_config("finetune_digits:" + sys.argv[2], ["--config.total_steps=" + sys.argv[4],
-                "--config.init.ignore=^classifier/"])
+                "--config.init.ignore=" + sys.argv[5]])
 handler = logging.StreamHandler(); logging.getLogger("mmjax").addHandler(handler)
 logging.getLogger("mmjax").setLevel(logging.INFO)
 result = mmjax.finetune(c, sys.argv[1], init=sys.argv[3], progress=False)
@@ -64,26 +81,34 @@ def run(code, *args):
   return json.loads(r.stdout.splitlines()[-1]), trained
 
 
+BASE_TEXT = {
+    "clip": "pretrained {n} steps CLIP-style (contrastive, with a 2-block text tower) on "
+            "digits' train images and captions — in domain: the captions name the digit",
+    "shapes": "pretrained {n} steps as a 4-way shape classifier on `shapes` — out of "
+              "domain: rendered shapes, not handwriting",
+}
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__)
+  p.add_argument("--base", choices=sorted(PRETRAIN), default="clip")
   p.add_argument("--steps", type=int, default=300)
   p.add_argument("--pretrain-steps", type=int, default=600)
   p.add_argument("--workdir", default=str(ROOT / "workdirs" / "bench_finetune_digits"))
   p.add_argument("--only", default="", help="comma-separated strategies (default: all)")
   args = p.parse_args()
-  work = pathlib.Path(args.workdir)
-  base = work / "pretrained_shapes"
+  work = pathlib.Path(args.workdir) / args.base
+  base = work / "pretrained"
   if not (base / "checkpoints").is_dir():
     t = time.time()
-    got, _ = run(PRETRAIN, base, args.pretrain_steps)
-    print(f"pretrained on shapes in {time.time() - t:.0f} s: test shape acc "
-          f"{got['report_acc']:.3f}", flush=True)
+    run(PRETRAIN[args.base], base, args.pretrain_steps)
+    print(f"pretrained ({args.base}) in {time.time() - t:.0f} s", flush=True)
   rows = []
   for s in (args.only.split(",") if args.only else STRATEGIES):
     out = work / s
     if out.exists():
       subprocess.run(["rm", "-rf", str(out)], check=True)
-    got, trained = run(FINETUNE, out, s, base, args.steps)
+    got, trained = run(FINETUNE, out, s, base, args.steps, IGNORE[args.base])
     n_train, n_all = int(trained.group(1)), int(trained.group(2))
     rows.append((s, got["report_acc"], n_train, n_all, got["wall_s"], got["peak_rss_mb"]))
     print(f"{s:14s} acc {got['report_acc']:.4f}  trains {n_train}/{n_all}  "
@@ -92,18 +117,20 @@ def main():
            "| --- | ---: | ---: | ---: | ---: | ---: |"]
   table += [f"| {s} | {acc:.4f} | {n:,} | {100 * n / total:.2f}% | {t:.0f} | {mb:.0f} |"
             for s, acc, n, total, t, mb in rows]
+  begin, end = MARKS(args.base)
   section = "\n".join([
-      BEGIN, "## Fine-tuning strategies on digits (`benchmarks/finetune_digits.py`)", "",
-      f"ViT (width 96, depth 4, patch 4, GAP) pretrained {args.pretrain_steps} steps as a "
-      f"shape classifier on `shapes`, then {args.steps} steps (batch 64, AdamW, lr 1e-3 "
-      f"cosine) on digits' train split with each strategy of configs/finetune_digits.py; "
-      f"accuracy on the held-out 20% (360 scans, 32x32). Wall time includes compilation and "
-      f"the evaluation; peak RSS of the process. {platform.processor() or platform.machine()}, "
-      f"{os.cpu_count()} cores, shared with other work while measured.", "", *table, END])
+      begin, f"### Base: {args.base}", "",
+      f"ViT (width 96, depth 4, patch 4, GAP) {BASE_TEXT[args.base].format(n=args.pretrain_steps)}; "
+      f"then {args.steps} steps (batch 64, AdamW, lr 1e-3 cosine) "
+      f"on digits' train split with each strategy, classifier "
+      f"new; accuracy on the held-out 20% (360 scans, 32x32). Wall time includes compilation "
+      f"and the evaluation; peak RSS of the process. {time.strftime('%Y-%m-%d')}, "
+      f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, shared with "
+      f"other work while measured.", "", *table, end])
   md = ROOT / "BENCHMARKS.md"
   text = md.read_text() if md.exists() else "# Benchmarks\n"
-  if BEGIN in text:
-    text = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: section, text,
+  if begin in text:
+    text = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: section, text,
                   flags=re.S)
   else:
     text = text.rstrip("\n") + "\n\n" + section + "\n"

@@ -7,6 +7,11 @@ arg: comma-separated tokens
   a strategy name   full | partial | per_modality | linear_probe | progressive | lora |
                     adapters, with this file's defaults for its options
   tiny              a seconds-long variant for tests
+  clip_pretrain     not a fine-tune: CLIP-style contrastive pretraining of the same image
+                    tower (+ a 2-block text tower) on digits' train images and captions,
+                    a base to fine-tune from (benchmarks/finetune_digits.py, the notebook)
+  augment           RandAugment (2 ops, magnitude 9) on each image, and mixup/cutmix on
+                    half the batches (no colour jitter: the digits are grey)
 """
 import ml_collections
 
@@ -24,12 +29,15 @@ STRATEGY_DEFAULTS = {
 }
 
 
+CLIP_ONLY = r"^(text_tower|image_proj|text_proj|logit_scale|logit_bias)(/|$)"
+
+
 def get_config(arg=None):
   tokens = [t for t in (arg or "").split(",") if t]
-  unknown = set(tokens) - set(STRATEGY_DEFAULTS) - {"tiny"}
+  unknown = set(tokens) - set(STRATEGY_DEFAULTS) - {"tiny", "augment", "clip_pretrain"}
   if unknown:
     raise ValueError(f"configs/finetune_digits.py: unknown arg {sorted(unknown)}; known: "
-                     f"{sorted(STRATEGY_DEFAULTS)} and 'tiny'")
+                     f"{sorted(STRATEGY_DEFAULTS)}, 'tiny', 'augment' and 'clip_pretrain'")
   strategy = next((t for t in tokens if t in STRATEGY_DEFAULTS), "full")
 
   c = base_config()
@@ -54,9 +62,24 @@ def get_config(arg=None):
   c.optim.warmup_steps = 50
   c.optim.weight_decay = 0.05
   c.finetune = finetune_config(strategy=strategy, **STRATEGY_DEFAULTS[strategy])
-  c.init = init_config()
+  # A clip_pretrain base has a text tower and projections the classifier does not use.
+  c.init = init_config(ignore=CLIP_ONLY)
   c.evals = ml_collections.ConfigDict(dict(
       report=dict(type="classification", split="test", label="label")))
+
+  if "clip_pretrain" in tokens:
+    c.model.text = tower(width=64, depth=2, heads=2, mlp_dim=128, vocab_size=0)
+    c.model.embed_dim = 64
+    c.model.classifier = ml_collections.ConfigDict(dict(num_classes=0, input="image"))
+    c.objectives = ml_collections.ConfigDict(dict(contrastive=1.0))
+    c.objective_options = ml_collections.ConfigDict()
+    c.evals = ml_collections.ConfigDict()
+    del c["finetune"]
+    del c["init"]
+
+  if "augment" in tokens:
+    c.data.augment.randaugment = dict(num_ops=2, magnitude=9)
+    c.mix = ml_collections.ConfigDict(dict(mixup=0.2, cutmix=1.0, prob=0.5, switch_prob=0.5))
 
   if "tiny" in tokens:
     c.total_steps = 8
@@ -66,4 +89,7 @@ def get_config(arg=None):
     c.optim.warmup_steps = 2
     c.model.image.update(width=32, depth=2, heads=2, mlp_dim=64)
     c.model.image.patch = 8
+    if c.model.get("text"):
+      c.model.text.update(width=32, depth=1, heads=2, mlp_dim=64)
+      c.model.embed_dim = 32
   return c

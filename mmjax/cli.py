@@ -126,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
                               progress=not args.no_progress)
     else:
       result = mmjax.evaluate(config, args.workdir, step=args.step)
-  except (DataError, NonFiniteLoss, CheckpointMismatch, FileNotFoundError, ValueError) as e:
+  except (DataError, NonFiniteLoss, CheckpointMismatch, FileNotFoundError, ValueError,
+          KeyError) as e:
     # Problems with the user's data, config or workdir: the message says what
     # and where; a traceback would only bury it (MMJAX_TRACEBACK=1 shows it).
     if os.environ.get("MMJAX_TRACEBACK"):

@@ -67,18 +67,70 @@ def mlm(outputs, batch):
 def classify(outputs, batch, *, label: str = "label", label_smoothing: float = 0.0):
   """Softmax cross-entropy of `class_logits` [B, C] against the integer `batch[label]`,
   with targets smoothed toward uniform by `label_smoothing`; rows with valid = 0
-  (eval padding) do not count."""
+  (eval padding) do not count.
+
+  A mixed batch (train/mixing.py: row i blended with row i - 1) carries `mix_lam` [B],
+  the weight of each row's own label: its target is then lam * onehot(y_i)
+  + (1 - lam) * onehot(y_{i-1}) before smoothing. Accuracy is against the row's own label."""
   logits = outputs["class_logits"]
   if label not in batch:
     raise KeyError(f"objective 'classify' reads batch[{label!r}], which this data does not "
                    f"have; its keys: {sorted(batch)} (set objective_options.classify.label)")
   labels = batch[label]
-  targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
+  onehot = jax.nn.one_hot(labels, logits.shape[-1])                  # [B, C]
+  if "mix_lam" in batch:
+    lam = batch["mix_lam"][:, None].astype(jnp.float32)
+    onehot = lam * onehot + (1 - lam) * jnp.roll(onehot, 1, axis=0)
+  targets = optax.smooth_labels(onehot, label_smoothing)
   per_example = optax.softmax_cross_entropy(logits, targets)
   w = batch["valid"].astype(jnp.float32) if "valid" in batch else jnp.ones_like(per_example)
   n = jnp.maximum(w.sum(), 1.0)
   acc = ((jnp.argmax(logits, -1) == labels) * w).sum() / n
   return (per_example * w).sum() / n, {"acc": acc}
+
+
+DISTILL_TEMPERATURE = 2.0   # also config.distill.temperature's default; the two must agree
+
+
+def distill(outputs, batch, *, temperature: float = DISTILL_TEMPERATURE):
+  """Hinton et al.'s soft-target loss: T^2 KL(softmax(teacher / T) || softmax(student / T))
+  between `teacher_class_logits` (a frozen teacher, config.distill) and `class_logits`,
+  both [B, C]; T^2 keeps its gradients on the scale of a hard-label loss, so weights
+  mix the two directly. Rows with valid = 0 do not count. Metric: `agree`, how often
+  the student's and the teacher's argmaxes match."""
+  if "teacher_class_logits" not in outputs:
+    raise KeyError("objective 'distill' reads the teacher's class logits, and this run has "
+                   "no teacher: set config.distill.teacher to an mmjax workdir or Hugging "
+                   "Face directory of a classifier")
+  student = outputs["class_logits"].astype(jnp.float32) / temperature
+  teacher = outputs["teacher_class_logits"].astype(jnp.float32) / temperature
+  log_p = jax.nn.log_softmax(teacher)                               # [B, C]
+  kl = jnp.sum(jnp.exp(log_p) * (log_p - jax.nn.log_softmax(student)), axis=-1)
+  w = batch["valid"].astype(jnp.float32) if "valid" in batch else jnp.ones_like(kl)
+  n = jnp.maximum(w.sum(), 1.0)
+  agree = ((jnp.argmax(student, -1) == jnp.argmax(teacher, -1)) * w).sum() / n
+  return temperature ** 2 * (kl * w).sum() / n, {"agree": agree}
+
+
+def token_classify(outputs, batch, *, label: str = "word_tags", label_smoothing: float = 0.0):
+  """Softmax cross-entropy of `token_logits` [B, L, C] against `batch[label]` int [B, L],
+  averaged over the labelled tokens (label >= 0: each word's first token, see
+  `data.token_labels`) of rows with valid = 1; `acc` is their token accuracy."""
+  logits = outputs["token_logits"]
+  if label not in batch:
+    raise KeyError(f"objective 'token_classify' reads batch[{label!r}], which this data does "
+                   f"not have; its keys: {sorted(batch)} (set data.token_labels and "
+                   f"objective_options.token_classify.label)")
+  labels = batch[label]                                             # [B, L], -1: no label
+  w = (labels >= 0).astype(jnp.float32)
+  if "valid" in batch:
+    w = w * batch["valid"].astype(jnp.float32)[:, None]
+  targets = optax.smooth_labels(jax.nn.one_hot(jnp.maximum(labels, 0), logits.shape[-1]),
+                                label_smoothing)
+  per_token = optax.softmax_cross_entropy(logits, targets)          # [B, L]
+  n = jnp.maximum(w.sum(), 1.0)
+  acc = ((jnp.argmax(logits, -1) == labels) * w).sum() / n
+  return (per_token * w).sum() / n, {"acc": acc}
 
 
 OBJECTIVES: dict[str, Objective] = {
@@ -87,6 +139,8 @@ OBJECTIVES: dict[str, Objective] = {
     "itm": itm,
     "mlm": mlm,
     "classify": classify,
+    "distill": distill,
+    "token_classify": token_classify,
 }
 
 

@@ -1,9 +1,13 @@
-"""Image preprocessing on numpy: random-resized crop, flip, resize, normalise."""
+"""Image preprocessing on numpy: random-resized crop, flip, colour jitter, RandAugment,
+resize, normalise.
+
+RandAugment is written here because no maintained numpy/PIL implementation exists outside torch/TF.
+"""
 
 import math
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageEnhance, ImageOps
 
 _RATIO = (3 / 4, 4 / 3)  # aspect-ratio range of a random-resized crop
 
@@ -49,6 +53,86 @@ def augment_and_resize(image: np.ndarray, size: int, rng: np.random.Generator,
   image = resize(image, size, box)
   if flip and rng.random() < 0.5:
     image = image[:, ::-1]
+  return image
+
+
+def color_jitter(image: np.ndarray, rng: np.random.Generator, brightness: float,
+                 contrast: float, saturation: float, hue: float = 0.0) -> np.ndarray:
+  """uint8 [H, W, 3] -> same, with brightness, contrast and saturation scaled by factors
+  drawn from [1 - x, 1 + x] and the hue rotated by a fraction of the wheel in [-hue, hue],
+  in a random order (as torchvision's ColorJitter). A zero strength is skipped, so all
+  zeros return the image unchanged."""
+  ops = [(brightness, lambda im, f: ImageEnhance.Brightness(im).enhance(f)),
+         (contrast, lambda im, f: ImageEnhance.Contrast(im).enhance(f)),
+         (saturation, lambda im, f: ImageEnhance.Color(im).enhance(f))]
+  ops = [(rng.uniform(max(0.0, 1 - x), 1 + x), op) for x, op in ops if x > 0]
+  if hue > 0:
+    ops.append((rng.uniform(-hue, hue), _shift_hue))
+  pil = Image.fromarray(np.ascontiguousarray(image))
+  for i in rng.permutation(len(ops)):
+    amount, op = ops[i]
+    pil = op(pil, amount)
+  return np.asarray(pil)
+
+
+def _shift_hue(pil: Image.Image, shift: float) -> Image.Image:
+  """Rotate the hue by `shift` turns of the colour wheel."""
+  hsv = np.array(pil.convert('HSV'))
+  hsv[..., 0] += np.uint8(round(shift * 256) % 256)  # uint8 wraps around the wheel
+  return Image.fromarray(hsv, 'HSV').convert('RGB')
+
+
+# RandAugment (Cubuk et al. 2020). `s` is the strength, magnitude / 10: at magnitude 10
+# each op reaches the paper's (AutoAugment's) table maximum, above it the op extrapolates
+# linearly up to 3x at magnitude 30, clipped where it saturates. `sign` is a random +-1
+# that only the signed ops use. Geometric ops fill uncovered pixels with black.
+_FILL = (0, 0, 0)
+
+
+def _enhance(kind, im, s, sign):
+  return kind(im).enhance(max(0.0, 1 + sign * 0.9 * s))
+
+
+def _affine(im, matrix):
+  """Output pixel (x, y) reads input (a x + b y + c, d x + e y + f)."""
+  return im.transform(im.size, Image.Transform.AFFINE, matrix, Image.Resampling.BILINEAR,
+                      fillcolor=_FILL)
+
+
+_RAND_OPS = {
+    'identity': lambda im, s, sign: im,
+    'autocontrast': lambda im, s, sign: ImageOps.autocontrast(im),
+    'equalize': lambda im, s, sign: ImageOps.equalize(im),
+    'rotate': lambda im, s, sign: im.rotate(sign * 30 * s, Image.Resampling.BILINEAR,
+                                            fillcolor=_FILL),
+    'solarize': lambda im, s, sign: ImageOps.solarize(im, max(0, 256 - round(256 * s))),
+    'color': lambda im, s, sign: _enhance(ImageEnhance.Color, im, s, sign),
+    'posterize': lambda im, s, sign: ImageOps.posterize(im, max(1, 8 - round(4 * s))),
+    'contrast': lambda im, s, sign: _enhance(ImageEnhance.Contrast, im, s, sign),
+    'brightness': lambda im, s, sign: _enhance(ImageEnhance.Brightness, im, s, sign),
+    'sharpness': lambda im, s, sign: _enhance(ImageEnhance.Sharpness, im, s, sign),
+    'shear_x': lambda im, s, sign: _affine(im, (1, sign * 0.3 * s, 0, 0, 1, 0)),
+    'shear_y': lambda im, s, sign: _affine(im, (1, 0, 0, sign * 0.3 * s, 1, 0)),
+    'translate_x': lambda im, s, sign: _affine(im, (1, 0, sign * 0.45 * s * im.width, 0, 1, 0)),
+    'translate_y': lambda im, s, sign: _affine(im, (1, 0, 0, 0, 1, sign * 0.45 * s * im.height)),
+}
+RAND_OPS = tuple(_RAND_OPS)
+MAX_MAGNITUDE = 30
+
+
+def rand_augment_op(image: np.ndarray, name: str, magnitude: float, sign: int = 1) -> np.ndarray:
+  """uint8 [H, W, 3] -> same: the RandAugment op `name` at `magnitude` (0..30)."""
+  pil = Image.fromarray(np.ascontiguousarray(image))
+  return np.asarray(_RAND_OPS[name](pil, magnitude / 10, sign))
+
+
+def rand_augment(image: np.ndarray, rng: np.random.Generator, num_ops: int = 2,
+                 magnitude: float = 9) -> np.ndarray:
+  """uint8 [H, W, 3] -> same: `num_ops` ops drawn uniformly (with repeats) from RAND_OPS,
+  each at `magnitude` with a random sign."""
+  for _ in range(num_ops):
+    name = RAND_OPS[rng.integers(len(RAND_OPS))]
+    image = rand_augment_op(image, name, magnitude, sign=rng.choice((-1, 1)))
   return image
 
 

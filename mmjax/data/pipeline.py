@@ -16,41 +16,139 @@ from mmjax.data.errors import DataError
 from mmjax.data.sources import build_source
 
 
-class _Preprocess:
-  """Example -> example with image uint8 [S, S, 3] (augmented when `train`); text is left as is."""
+def _numbers(key: str, value, lengths, low: float, high: float) -> tuple[float, ...]:
+  """`value` as a tuple of floats, each in [low, high], of one of the `lengths`."""
+  if not isinstance(value, (tuple, list)) or len(value) not in lengths or not all(
+      isinstance(v, (int, float)) and not isinstance(v, bool) and low <= v <= high
+      for v in value):
+    raise DataError(f'data.augment.{key}={value!r}: expected {" or ".join(map(str, lengths))} '
+                    f'numbers in [{low}, {high}]')
+  return tuple(float(v) for v in value)
 
-  def __init__(self, image_size: int, train: bool, crop_scale, flip: bool):
+
+def _randaugment_options(value) -> dict:
+  """{} (off) or {num_ops, magnitude}, with RandAugment's usual 2 and 9 for a missing key."""
+  options = dict(value or {})
+  if not options:
+    return {}
+  unknown = set(options) - {'num_ops', 'magnitude'}
+  if unknown:
+    raise DataError(f'data.augment.randaugment: unknown keys {sorted(unknown)}; '
+                    'known: num_ops, magnitude')
+  num_ops, magnitude = options.get('num_ops', 2), options.get('magnitude', 9)
+  if not isinstance(num_ops, int) or isinstance(num_ops, bool) or num_ops < 0:
+    raise DataError(f'data.augment.randaugment.num_ops={num_ops!r}: expected an integer >= 0')
+  if not isinstance(magnitude, (int, float)) or not 0 <= magnitude <= image_ops.MAX_MAGNITUDE:
+    raise DataError(f'data.augment.randaugment.magnitude={magnitude!r}: expected a number '
+                    f'in 0..{image_ops.MAX_MAGNITUDE}')
+  return dict(num_ops=num_ops, magnitude=float(magnitude))
+
+
+def _augment_options(augment) -> dict:
+  """`data.augment` checked, with every absent key off. Checked when the pipeline is built,
+  so a bad value fails at once rather than at the first example in a worker."""
+  augment = augment or {}
+  crop_scale = _numbers('crop_scale', augment.get('crop_scale', (1.0, 1.0)), (2,), 0.0, 1.0)
+  if not 0 < crop_scale[0] <= crop_scale[1]:
+    raise DataError(f'data.augment.crop_scale={crop_scale}: expected (min, max) with '
+                    '0 < min <= max <= 1')
+  flip = augment.get('flip', False)
+  if not isinstance(flip, bool):
+    raise DataError(f'data.augment.flip={flip!r}: expected True or False')
+  jitter = _numbers('color_jitter', augment.get('color_jitter', ()), (0, 3, 4), 0.0, math.inf)
+  if len(jitter) == 4 and jitter[3] > 0.5:
+    raise DataError(f'data.augment.color_jitter hue={jitter[3]}: expected at most 0.5 '
+                    '(half a turn of the colour wheel)')
+  return dict(crop_scale=crop_scale, flip=flip, color_jitter=jitter,
+              randaugment=_randaugment_options(augment.get('randaugment', {})))
+
+
+class _Preprocess:
+  """Example -> example with image uint8 [S, S, 3] (augmented when `train`); text is left as is.
+
+  Train-time augmentation, each step as `data.augment` asks: random-resized crop, h-flip,
+  colour jitter, RandAugment.
+  """
+
+  def __init__(self, image_size: int, train: bool, augment):
     self.image_size, self.train = image_size, train
-    self.crop_scale, self.flip = tuple(crop_scale), bool(flip)
+    self.augment = _augment_options(augment)
 
   def __call__(self, example: dict, rng: np.random.Generator) -> dict:
     image = example['image']
     if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
       raise DataError(f'source image has shape {image.shape} {image.dtype}; expected uint8 [H, W, 3]')
-    if self.train:
-      image = image_ops.augment_and_resize(image, self.image_size, rng, self.crop_scale, self.flip)
-    else:
-      image = image_ops.resize(image, self.image_size)
+    if not self.train:
+      return dict(example, image=image_ops.resize(image, self.image_size))
+    aug = self.augment
+    image = image_ops.augment_and_resize(image, self.image_size, rng, aug['crop_scale'],
+                                         aug['flip'])
+    if aug['color_jitter']:
+      image = image_ops.color_jitter(image, rng, *aug['color_jitter'])
+    if aug['randaugment']:
+      image = image_ops.rand_augment(image, rng, **aug['randaugment'])
     return dict(example, image=image)
 
 
 class _Collate:
-  """Examples -> batch dict: normalised images, tokenized captions, int32 labels, str arrays."""
+  """Examples -> batch dict: normalised images, tokenized text, int32 labels, str arrays.
 
-  def __init__(self, tokenizer, max_len: int, mean, std, int_keys):
+  `text_field` is the string field tokenized into text / text_mask (VQA: "question").
+  `token_labels`, when set, names a string field of space-separated per-word tags
+  (shapes' "word_tags"), turned into int32 [B, L] token labels under the same key
+  (ids in `label_names[field]`, -1 off each word's first token).
+  A `label_names` entry whose field holds strings is such a tag vocabulary, not an int label.
+  """
+
+  def __init__(self, tokenizer, max_len: int, mean, std, label_names, text_field='caption',
+               token_labels=''):
     self.tokenizer, self.max_len = tokenizer, max_len
-    self.mean, self.std, self.int_keys = tuple(mean), tuple(std), tuple(int_keys)
+    self.mean, self.std, self.label_names = tuple(mean), tuple(std), dict(label_names)
+    self.text_field, self.token_labels = text_field, token_labels
+    if token_labels and token_labels not in self.label_names:
+      raise DataError(f'data.token_labels={token_labels!r}: the source has no tag vocabulary '
+                      f'for it; its label_names: {sorted(self.label_names)}')
+    self.tag_ids = {t: i for i, t in enumerate(self.label_names.get(token_labels, ()))}
+
+  def _texts(self, examples) -> list[str]:
+    field = self.text_field
+    if not isinstance(examples[0].get(field), str):
+      text_fields = sorted(k for k, v in examples[0].items() if isinstance(v, str))
+      raise DataError(f'data.text_field={field!r}: the examples have no text field of that '
+                      f'name; their text fields: {text_fields}')
+    return [e[field] for e in examples]
+
+  def _word_labels(self, example, text: str) -> list[int]:
+    field = self.token_labels
+    if not isinstance(example.get(field), str):
+      raise DataError(f'data.token_labels={field!r}: the examples have no string field of '
+                      f'that name; their fields: {sorted(example)}')
+    tags = example[field].split()
+    unknown = [t for t in tags if t not in self.tag_ids]
+    if unknown:
+      raise DataError(f'data.token_labels={field!r}: tag {unknown[0]!r} is not in its '
+                      f'vocabulary {list(self.tag_ids)}')
+    if len(tags) != len(text.split()):
+      raise DataError(f'data.token_labels={field!r} has {len(tags)} tags for the '
+                      f'{len(text.split())} words of data.text_field={self.text_field!r}: {text!r}')
+    return [self.tag_ids[t] for t in tags]
 
   def __call__(self, examples) -> dict:
     batch = {'image': image_ops.normalize(np.stack([e['image'] for e in examples]),
                                           self.mean, self.std)}  # [B, S, S, 3]
-    captions = [e['caption'] for e in examples]
-    batch['text'], batch['text_mask'] = self.tokenizer.encode(captions, self.max_len)  # [B, L]
-    for key in self.int_keys:
-      batch[key] = np.array([e[key] for e in examples], np.int32)
+    texts = self._texts(examples)
     for key, value in examples[0].items():
       if isinstance(value, str):
         batch[key] = np.array([e[key] for e in examples], dtype=np.str_)
+    if self.token_labels:  # [B, L] each
+      word_labels = [self._word_labels(e, t) for e, t in zip(examples, texts)]
+      batch['text'], batch['text_mask'], batch[self.token_labels] = (
+          self.tokenizer.encode_word_labels(texts, word_labels, self.max_len))
+    else:
+      batch['text'], batch['text_mask'] = self.tokenizer.encode(texts, self.max_len)  # [B, L]
+    for key in self.label_names:
+      if not isinstance(examples[0][key], str):
+        batch[key] = np.array([e[key] for e in examples], np.int32)
     batch['valid'] = np.array([e.get('_valid', 1.0) for e in examples], np.float32)
     return batch
 
@@ -65,6 +163,41 @@ class _PadTo:
     if index < len(self.source):
       return self.source[index]
     return dict(self.source[0], _valid=0.0)
+
+
+class _Subset:
+  """The examples `indices` of `source`, itself a source."""
+
+  def __init__(self, source, indices: np.ndarray):
+    self.source, self.indices, self.label_names = source, indices, source.label_names
+
+  def __len__(self) -> int:
+    return len(self.indices)
+
+  def __getitem__(self, index: int) -> dict:
+    return self.source[int(self.indices[index])]
+
+
+def _label_budget(source, n: int, seed: int, split: str):
+  """`source` cut to a fixed seeded subset of `n` examples (`data.train_examples`, 0 = all),
+  the same in every run with this seed. Stratified when the source holds its labels in
+  memory (`source.labels`, e.g. digits): each class keeps its share of the n."""
+  if n == 0:
+    return source
+  if not 0 < n <= len(source):
+    raise DataError(f'data.train_examples={n}: the {split} split has {len(source)} examples '
+                    f'(use 1..{len(source)}, or 0 for all)')
+  order = np.random.default_rng(seed).permutation(len(source))
+  labels = getattr(source, 'labels', None)
+  if labels is not None:
+    labels = np.asarray(labels)[order]
+    _, cls, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    rank = np.zeros(len(order))             # each example's place within its class
+    for c in range(len(counts)):
+      rank[cls == c] = np.arange(counts[c])
+    # Classes interleaved in proportion to their sizes: any prefix keeps their shares.
+    order = order[np.argsort((rank + 0.5) / counts[cls], kind='stable')]
+  return _Subset(source, np.sort(order[:n]))
 
 
 def _process_defaults(process_index, process_count) -> tuple[int, int]:
@@ -84,14 +217,12 @@ def make_dataset(data, split: str, *, batch_size: int, train: bool, tokenizer,
   process_index, process_count = _process_defaults(process_index, process_count)
   source = build_source(data, split) if source is None else source
   seed = int(data.get('seed', 0))
-  augment = data.get('augment', None) or {}
-  preprocess = _Preprocess(
-      int(data.image_size), train,
-      crop_scale=augment.get('crop_scale', (1.0, 1.0)) if train else (1.0, 1.0),
-      flip=augment.get('flip', False) and train)
+  preprocess = _Preprocess(int(data.image_size), train, data.get('augment', None))
   collate = _Collate(tokenizer, int(data.max_len), data.get('mean', (0.5, 0.5, 0.5)),
-                     data.get('std', (0.5, 0.5, 0.5)), sorted(source.label_names))
+                     data.get('std', (0.5, 0.5, 0.5)), source.label_names,
+                     data.get('text_field', 'caption'), data.get('token_labels', ''))
   if train:
+    source = _label_budget(source, int(data.get('train_examples', 0)), seed, split)
     if len(source) < batch_size * process_count:
       raise DataError(f'{split}: {len(source)} examples, fewer than one global batch of '
                       f'{batch_size} x {process_count} processes')

@@ -80,6 +80,33 @@ def describe(objects: list[dict], rng: np.random.Generator) -> tuple[str, dict]:
   return ', '.join(phrases[:-1]) + ' and ' + phrases[-1], ordered[0]
 
 
+# BIO tags of caption words, "O" first: attributes and relation phrases are the entities.
+WORD_TAGS = ('O', 'B-SIZE', 'B-COLOR', 'B-SHAPE', 'B-REL', 'I-REL')
+_ENTITY = {**{w: 'SIZE' for w in SIZES}, **{w: 'COLOR' for w in COLORS},
+           **{w: 'SHAPE' for w in SHAPES}}
+
+
+def word_tags(caption: str) -> list[str]:
+  """One BIO tag per whitespace word of a caption: sizes, colours and shapes are one-word
+  entities; "left of" / "right of" are B-REL I-REL, "above" / "below" B-REL.
+
+  A comma is punctuation, not a word: the three-object form's "circle," is the word
+  "circle" (tagged B-SHAPE), so tags line up with `caption.split()`.
+  """
+  words = [w.rstrip(',') for w in caption.split()]
+  tags = []
+  for i, word in enumerate(words):
+    if word in _ENTITY:
+      tags.append('B-' + _ENTITY[word])
+    elif word in ('above', 'below') or (word in ('left', 'right') and words[i + 1:i + 2] == ['of']):
+      tags.append('B-REL')
+    elif word == 'of' and i > 0 and words[i - 1] in ('left', 'right'):
+      tags.append('I-REL')
+    else:
+      tags.append('O')
+  return tags
+
+
 def _unique(objects, key):
   """The objects whose value of `key` no other object shares."""
   values = [key(o) for o in objects]
@@ -199,8 +226,10 @@ def _render_split(p: dict, images_path: pathlib.Path, meta_path: pathlib.Path) -
 class ShapesSource:
   """Random access over one pre-rendered split; pickles by path (cheap for grain workers)."""
 
+  # word_tags is a string field (one tag per caption word); its entry is the tag vocabulary.
   label_names = {'color': list(COLORS), 'shape': list(SHAPES), 'size': list(SIZES),
-                 'num_objects': list(NUMBERS), 'answer_id': list(ANSWERS)}
+                 'num_objects': list(NUMBERS), 'answer_id': list(ANSWERS),
+                 'word_tags': list(WORD_TAGS)}
 
   def __init__(self, images_path: pathlib.Path, meta_path: pathlib.Path):
     self.images_path = images_path
@@ -215,6 +244,7 @@ class ShapesSource:
   def __getitem__(self, index: int) -> dict:
     example = {k: int(v[index]) for k, v in self._meta.items() if k in _INT_KEYS}
     example.update({k: str(v[index]) for k, v in self._meta.items() if k in _STR_KEYS})
+    example['word_tags'] = ' '.join(word_tags(example['caption']))  # not cached: cheap
     example['image'] = np.array(self._images[index])
     return example
 

@@ -8,6 +8,7 @@ special tokens are found by name, so BERT-style ([CLS]) and RoBERTa-style
 import logging
 import os
 import pathlib
+import re
 
 import numpy as np
 import tokenizers
@@ -49,17 +50,47 @@ class Tokenizer:
 
   def encode(self, texts, max_len: int) -> tuple[np.ndarray, np.ndarray]:
     """`[CLS] tokens [SEP]`, truncated so that [SEP] stays last, padded with pad_id."""
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    return self._pack(self.hf.encode_batch(texts, add_special_tokens=False), max_len)
+
+  def _pack(self, encodings, max_len: int) -> tuple[np.ndarray, np.ndarray]:
     if max_len < 2:
       raise DataError(f'max_len={max_len}: need room for [CLS] and [SEP]')
-    if isinstance(texts, str):
-      texts = [texts]
-    ids = np.full((len(texts), max_len), self.pad_id, np.int32)
-    mask = np.zeros((len(texts), max_len), np.int32)
-    for row, enc in enumerate(self.hf.encode_batch(list(texts), add_special_tokens=False)):
+    ids = np.full((len(encodings), max_len), self.pad_id, np.int32)
+    mask = np.zeros((len(encodings), max_len), np.int32)
+    for row, enc in enumerate(encodings):
       tokens = [self.cls_id] + enc.ids[:max_len - 2] + [self.sep_id]
       ids[row, :len(tokens)] = tokens
       mask[row, :len(tokens)] = 1
     return ids, mask
+
+  def encode_word_labels(self, texts, word_labels, max_len: int
+                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`encode(texts, max_len)` plus token labels int32 [N, max_len] for token classification.
+
+    `word_labels[i]` holds one int per whitespace word of `texts[i]` (`str.split()`).
+    A word's label goes on its first token; its other tokens (sub-words, or the
+    "," split off "circle,"), [CLS], [SEP] and padding get -1, as do the words
+    that truncation cut off. Tokens find their word by character offsets: the
+    encodings' `word_ids` count the pre-tokenizer's words, and BERT's splits
+    punctuation into words of its own, so they do not index whitespace words.
+    """
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    encodings = self.hf.encode_batch(texts, add_special_tokens=False)
+    ids, mask = self._pack(encodings, max_len)
+    labels = np.full(ids.shape, -1, np.int32)
+    for row, (text, enc, word_label) in enumerate(zip(texts, encodings, word_labels)):
+      word_of_char = _whitespace_words(text)
+      if len(word_label) != word_of_char.max(initial=-1) + 1:
+        raise DataError(f'text {text!r} has {word_of_char.max(initial=-1) + 1} words but '
+                        f'{len(word_label)} word labels')
+      previous = -1
+      for pos, (start, end) in enumerate(enc.offsets[:max_len - 2]):
+        word = word_of_char[end - 1] if end > start else -1   # the last char skips a leading space
+        if word > previous:
+          labels[row, pos + 1] = word_label[word]               # +1: after [CLS]
+          previous = word
+    return ids, mask, labels
 
   def decode(self, ids):
     """int ids [L] -> str, or [N, L] -> list[str]; special tokens and padding dropped."""
@@ -75,6 +106,14 @@ class Tokenizer:
     self.hf.save(str(tmp))
     os.replace(tmp, path)  # a reader never sees a half-written file
     return path
+
+
+def _whitespace_words(text: str) -> np.ndarray:
+  """int [len(text)]: the index of the `str.split()` word each character is in, -1 on spaces."""
+  word_of_char = np.full(len(text), -1)
+  for i, match in enumerate(re.finditer(r'\S+', text)):
+    word_of_char[match.start():match.end()] = i
+  return word_of_char
 
 
 def _bert_pipeline(model) -> tokenizers.Tokenizer:
@@ -129,7 +168,11 @@ def get_tokenizer(data) -> Tokenizer:
   if (folder / 'tokenizer.json').is_file():
     return load_tokenizer(folder)
   source = build_source(data, 'train')
-  words = [n.replace('_', ' ') for names in source.label_names.values() for n in names]
+  # Class names may be spelled in prompts (zero-shot); the tag vocabularies of string
+  # fields (shapes' word_tags: "B-SIZE", ...) never appear in text.
+  example = source[0]
+  words = [n.replace('_', ' ') for key, names in source.label_names.items()
+           if not isinstance(example.get(key), str) for n in names]
   logging.info('training a %d-token WordPiece tokenizer on %d captions', params['vocab_size'],
                len(source))
   tok = train_wordpiece(source.texts() + words, params['vocab_size'])

@@ -18,6 +18,7 @@ import numpy as np
 
 from mmjax import data as mmdata
 from mmjax.evals import classification as _classification
+from mmjax.evals import ner as _ner
 from mmjax.evals.embed import Embedder
 from mmjax.evals.retrieval import retrieval as _retrieval
 from mmjax.evals.zeroshot import class_scores, prompts, zeroshot_accuracy
@@ -135,12 +136,38 @@ def classification(ctx: EvalContext, ev) -> dict[str, float]:
   return out
 
 
+def ner(ctx: EvalContext, ev) -> dict[str, float]:
+  """The token classifier on `ev.split` as a tagger: entity-level micro precision / recall /
+  F1 and per-type F1 (seqeval's BIO spans), and word accuracy; logs seqeval's table and
+  writes <workdir>/reports/<name>.json. Labels: `ev.label`, default data.token_labels."""
+  split, name = ev.get("split", "test"), ctx.name or "ner"
+  label = ev.get("label", "") or ctx.data_config(ev).get("token_labels", "")
+  if not label:
+    raise ValueError(f"evals.{name}: type 'ner' scores token labels; set data.token_labels "
+                     f"(e.g. 'word_tags') or evals.{name}.label")
+  got = ctx.embedder.classify(ctx.batches(ev), label)
+  names = ctx.classnames(ev, label)
+  true, pred = _ner.word_tags(got["logits"], got[label], names)
+  rep = _ner.report(true, pred)
+  log.info("%s on %s (%d texts):\n%s", name, split, len(true), rep["text"])
+  if ctx.workdir is not None and jax.process_index() == 0:
+    _ner.write(rep, ctx.workdir / "reports", name, names)
+  r = rep["report"]
+  out = {m: float(r["micro avg"][k]) for m, k in
+         (("precision", "precision"), ("recall", "recall"), ("f1", "f1-score"))}
+  out["word_acc"] = rep["word_acc"]
+  out.update({f"f1_{t}": float(r[t]["f1-score"]) if t in r else 0.0
+              for t in _ner.entity_types(names)})
+  return out
+
+
 EVALUATORS: dict[str, Callable[[EvalContext, Any], dict[str, float]]] = {
     "zeroshot": zeroshot,
     "retrieval": retrieval,
     "itm": itm,
     "linear_probe": linear_probe,
     "classification": classification,
+    "ner": ner,
 }
 
 

@@ -56,7 +56,8 @@ class Embedder:
 
   def classify(self, batches: Iterable[dict[str, np.ndarray]], label: str
                ) -> dict[str, np.ndarray]:
-    """Class logits [N, C] and the integer `label` [N] of every valid example."""
+    """Class logits [N, C] and the integer `label` [N] of every valid example (a token
+    classifier's: logits [N, L, C] and token labels [N, L])."""
     logits, labels = [], []
     for batch in batches:
       g = parallel.device_batch(batch, self.mesh)

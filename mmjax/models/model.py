@@ -9,6 +9,7 @@ forward pass computes what the configured objectives read:
   mlm_logits [B, L, V], mlm_targets, mlm_weights [B, L]
   class_logits [B, C]   a linear classifier on the image tower's pooled token, the
                         text tower's, or the fusion tower's first (text [CLS]) token
+  token_logits [B, L, C]  the classifier on every text-tower token ("text_tokens": NER)
 Towers that are not configured are not run: a classifier may be image-only.
 """
 from __future__ import annotations
@@ -77,7 +78,7 @@ class MultimodalModel(nn.Module):
   logit_scale_init: float = 2.6593    # log(1 / 0.07), CLIP
   logit_bias_init: float = 0.0        # SigLIP uses -10 with scale log(10)
   num_classes: int = 0                # > 0: a "classifier" head reading `classify_input`
-  classify_input: str = "image"       # "image" | "text" | "fusion"
+  classify_input: str = "image"       # "image" | "text" | "text_tokens" | "fusion"
   tower_splits: int = 1               # > 1: towers run on slices of the batch (CPU speed)
   dtype: Any = jnp.float32
 
@@ -92,9 +93,9 @@ class MultimodalModel(nn.Module):
     if self.mlm:
       self.mlm_head = MlmHead(self.vocab_size, dtype=self.dtype)
     if self.num_classes:
-      if self.classify_input not in ("image", "text", "fusion"):
+      if self.classify_input not in ("image", "text", "text_tokens", "fusion"):
         raise ValueError(f"classifier input {self.classify_input!r}: expected 'image', "
-                         f"'text' or 'fusion'")
+                         f"'text', 'text_tokens' or 'fusion'")
       self.classifier = Dense(self.num_classes, dtype=self.dtype)
 
   def encode_image(self, images: jax.Array, *, train: bool = False):
@@ -114,21 +115,25 @@ class MultimodalModel(nn.Module):
     return self.itm_head(fused[:, 0]).astype(jnp.float32)
 
   def class_logits(self, img, txt, text_mask, *, train: bool = False) -> jax.Array:
-    """[B, C] from the towers' outputs (None for a tower that was not run)."""
+    """[B, C] from the towers' outputs (None for a tower that was not run); [B, L, C]
+    for "text_tokens", whose logits at padding are computed but mean nothing."""
     if self.classify_input == "image":
       features = img["pooled"]
     elif self.classify_input == "text":
       features = txt["pooled"]
+    elif self.classify_input == "text_tokens":
+      features = txt["tokens"]                               # [B, L, D]
     else:
       features = self.fusion(txt["tokens"], text_mask, img["tokens"], train=train)[:, 0]
     return self.classifier(features).astype(jnp.float32)
 
   def classify(self, batch: dict[str, jax.Array], *, train: bool = False) -> jax.Array:
-    """Class logits [B, C], running only the towers the classifier reads."""
+    """Class logits [B, C] (token logits [B, L, C] for "text_tokens"), running only the
+    towers the classifier reads."""
     img = txt = None
     if self.classify_input in ("image", "fusion"):
       img = self.encode_image(jnp.asarray(batch["image"]), train=train)[1]
-    if self.classify_input in ("text", "fusion"):
+    if self.classify_input in ("text", "text_tokens", "fusion"):
       txt = self.encode_text(jnp.asarray(batch["text"]), jnp.asarray(batch["text_mask"]),
                              train=train)[1]
     return self.class_logits(img, txt, batch.get("text_mask"), train=train)
@@ -142,7 +147,8 @@ class MultimodalModel(nn.Module):
     if self.text_tower is not None:
       txt_emb, txt = self.encode_text(batch["text"], batch["text_mask"], train=train)
     if self.num_classes:
-      out["class_logits"] = self.class_logits(img, txt, batch.get("text_mask"), train=train)
+      key = "token_logits" if self.classify_input == "text_tokens" else "class_logits"
+      out[key] = self.class_logits(img, txt, batch.get("text_mask"), train=train)
     if self.embed_dim and img is not None and txt is not None:
       out["image_emb"], out["text_emb"] = img_emb, txt_emb
       out["logit_scale"] = jnp.exp(jnp.minimum(self.logit_scale, jnp.log(100.0)))

@@ -29,6 +29,9 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # defaults); the Hugging Face converter uses them to express CLIP, ViT, BERT, GPT-2.
 IMAGE_OPTIONS = ("ln_eps", "patch_bias", "posemb_cls", "final_norm", "pooler", "num_classes")
 TEXT_OPTIONS = ("ln_eps", "type_vocab", "embed_norm", "post_norm", "pooler", "head")
+# model.classifier.input -> the towers it reads ("text_tokens": one prediction per token).
+CLASSIFIER_INPUTS = {"image": ("image",), "text": ("text",), "text_tokens": ("text",),
+                     "fusion": ("image", "text", "fusion")}
 
 
 def _options(cfg, names) -> dict:
@@ -107,9 +110,11 @@ def build_model(config: ml_collections.ConfigDict, vocab_size: int | None = None
   classifier = m.get("classifier") or {}
   num_classes, classify_input = classifier.get("num_classes", 0), classifier.get("input", "image")
   if num_classes:
+    if classify_input not in CLASSIFIER_INPUTS:
+      raise ValueError(f"model.classifier.input={classify_input!r}: expected one of "
+                       f"{sorted(CLASSIFIER_INPUTS)}")
     towers = {"image": image, "text": text, "fusion": fusion}
-    needed = ("image", "text", "fusion") if classify_input == "fusion" else (classify_input,)
-    absent = [t for t in needed if towers.get(t, 0) is None]
+    absent = [t for t in CLASSIFIER_INPUTS[classify_input] if towers[t] is None]
     if absent:
       raise ValueError(f"model.classifier.input={classify_input!r} needs model.{absent[0]}")
 
