@@ -3,7 +3,7 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# Huge pages for malloc: ~85 ms/step less page-fault time on CPU (PERF_NOTES_CPU.md).
+# Huge pages for malloc: ~85 ms/step less page-fault time on CPU (docs/cpu_performance.md).
 export GLIBC_TUNABLES := glibc.malloc.hugetlb=1
 
 .PHONY: demo test bench clean

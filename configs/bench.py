@@ -10,12 +10,12 @@ built from the same sizes. The built-in `shapes` data makes it trainable too:
 """
 import ml_collections
 
-from mmjax.config import base_config, tower
+from mmjax.config import base_config, parse_arg, tower
+from mmjax.config_blocks import shapes_data
 
 
 def get_config(arg=None):
-  if arg:
-    raise ValueError(f"configs/bench.py takes no arg, got {arg!r}")
+  parse_arg(arg, where="configs/bench.py")     # it takes none
   c = base_config()
   c.log_every = 25
   c.checkpoint_every = 0
@@ -23,12 +23,7 @@ def get_config(arg=None):
 
   # The tokenizer is only used to turn shapes captions into ids when training;
   # the model's vocabulary is fixed at 8192 below, so no vocabulary file is read.
-  c.data = ml_collections.ConfigDict(dict(
-      name="shapes", image_size=32, max_len=32, seed=0, num_workers=0,
-      train_size=50_000, eval_size=1024, num_objects=(1, 3),
-      mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
-      augment=dict(crop_scale=(1.0, 1.0), flip=False),
-      tokenizer="", vocab_size=256, cache_dir=""))
+  c.data = shapes_data(max_len=32)
 
   clip = dict(width=192, depth=6, heads=3, mlp_dim=768, act="quick_gelu", ln_eps=1e-5)
   # HF CLIPVisionModel: bias-free patch conv, a position for the CLS token,

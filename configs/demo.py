@@ -7,7 +7,8 @@ pod (raise batch_size and sizes with --config.x=y).
 """
 import ml_collections
 
-from mmjax.config import base_config, tower
+from mmjax.config import base_config, parse_arg
+from mmjax.config_blocks import TINY_TOWER, demo_towers, shapes_data
 from mmjax.data.shapes import COLORS, SHAPES, SIZES
 
 
@@ -21,22 +22,18 @@ def zeroshot_templates(attribute: str) -> tuple[str, ...]:
 
 
 def get_config(arg=None):
+  flags, _ = parse_arg(arg, {"tiny"}, where="configs/demo.py")
   c = base_config()
   c.total_steps = 1500
   c.log_every = 25
 
-  c.data = ml_collections.ConfigDict(dict(
-      name="shapes", image_size=32, max_len=16, seed=0, num_workers=0,
-      train_size=50_000, eval_size=1024, num_objects=(1, 3),
-      mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
-      augment=dict(crop_scale=(1.0, 1.0), flip=False),   # no flip: captions say "left of"
-      tokenizer="", vocab_size=256, cache_dir=""))
-
-  size = dict(width=96, depth=3, heads=4, mlp_dim=192)
+  # Built-in shapes at 32x32 with 16-token captions; towers of width 96 (image 3 blocks,
+  # text 2, cross-attention fusion 1). Both are in mmjax/config_blocks.py, shared with the
+  # fine-tune configs so that a demo workdir initialises them.
+  c.data = shapes_data()
   c.model = ml_collections.ConfigDict(dict(
-      image=tower(patch=4, **size), text=tower(vocab_size=0, **dict(size, depth=2)),
-      fusion=tower(mode="cross", **dict(size, depth=1)), embed_dim=96, dtype="float32",
-      dropout=0.0, drop_path=0.0, mlm_prob=0.15))
+      **demo_towers(), embed_dim=96, dtype="float32", dropout=0.0, drop_path=0.0,
+      mlm_prob=0.15))
 
   # MLM (e.g. mlm=0.25) adds ~25% to the step time; the demo's metrics do not need it.
   c.objectives = ml_collections.ConfigDict(dict(contrastive=1.0, itm=0.5))
@@ -53,7 +50,7 @@ def get_config(arg=None):
       itm=dict(type="itm", split="test"),
   ))
 
-  if arg == "tiny":
+  if "tiny" in flags:
     c.total_steps = 30
     c.batch_size = 16
     c.eval_batch_size = 64
@@ -62,8 +59,6 @@ def get_config(arg=None):
     c.data.train_size = 512
     c.data.eval_size = 64
     for t in (c.model.image, c.model.text, c.model.fusion):
-      t.width, t.depth, t.heads, t.mlp_dim = 32, 1, 2, 64
+      t.update(TINY_TOWER)
     c.model.embed_dim = 32
-  elif arg:
-    raise ValueError(f"configs/demo.py: unknown arg {arg!r} (known: 'tiny')")
   return c

@@ -16,7 +16,8 @@ The `test` split (a held-out stratified 20%) is what every run reports.
 """
 import ml_collections
 
-from mmjax.config import base_config, tower
+from mmjax.config import ConfigError, base_config, parse_arg, tower
+from mmjax.config_blocks import TINY_TOWER, digits_data
 
 ROLES = ("teacher", "student", "distill")
 STUDENT_EXAMPLES = 150       # the student's label budget, of 1437 train scans
@@ -35,12 +36,11 @@ def _model(role: str) -> ml_collections.ConfigDict:
 
 
 def get_config(arg=None):
-  tokens = [t for t in (arg or "").split(",") if t]
-  roles = [t for t in tokens if t in ROLES]
-  unknown = set(tokens) - set(ROLES) - {"tiny"}
-  if unknown or len(roles) != 1:
-    raise ValueError(f"configs/distill_digits.py: arg {arg!r} needs exactly one of "
-                     f"{ROLES}, optionally with 'tiny'")
+  tokens, _ = parse_arg(arg, {*ROLES, "tiny"}, where="configs/distill_digits.py")
+  roles = [r for r in ROLES if r in tokens]
+  if len(roles) != 1:
+    raise ConfigError(f"configs/distill_digits.py: arg {arg!r} needs exactly one of "
+                      f"{ROLES}, optionally with 'tiny'")
   role = roles[0]
 
   c = base_config()
@@ -49,12 +49,7 @@ def get_config(arg=None):
   c.log_every = 50
   c.checkpoint_every = 0
   c.keep_checkpoints = 1
-  c.data = ml_collections.ConfigDict(dict(
-      name="digits", image_size=32, max_len=16, seed=0, num_workers=0,
-      mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
-      augment=dict(crop_scale=(0.8, 1.0), flip=False),   # no flip: digits have a handedness
-      tokenizer="", vocab_size=256, cache_dir="",
-      train_examples=0 if role == "teacher" else STUDENT_EXAMPLES))
+  c.data = digits_data(train_examples=0 if role == "teacher" else STUDENT_EXAMPLES)
   c.model = _model(role)
   c.objectives = ml_collections.ConfigDict(dict(classify=1.0))
   c.objective_options = ml_collections.ConfigDict(dict(
@@ -62,8 +57,7 @@ def get_config(arg=None):
   if role == "distill":
     c.objectives = ml_collections.ConfigDict(dict(classify=1 - DISTILL_WEIGHT,
                                                   distill=DISTILL_WEIGHT))
-    # The objective's temperature and the teacher's must agree (checked when it loads).
-    c.objective_options.distill = dict(temperature=TEMPERATURE)
+    # One temperature for the teacher's soft targets and the loss (the loop passes it on).
     c.distill = ml_collections.ConfigDict(dict(teacher="", step=-1, temperature=TEMPERATURE))
   c.optim.lr = 1e-3
   c.optim.warmup_steps = 50
@@ -78,6 +72,5 @@ def get_config(arg=None):
     c.log_every = 2
     c.optim.warmup_steps = 1
     c.data.train_examples = 0 if role == "teacher" else 48
-    c.model.image.update(width=32, depth=2 if role == "teacher" else 1, heads=2, mlp_dim=64,
-                         patch=8)
+    c.model.image.update(TINY_TOWER, depth=2 if role == "teacher" else 1, patch=8)
   return c

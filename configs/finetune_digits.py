@@ -15,7 +15,8 @@ arg: comma-separated tokens
 """
 import ml_collections
 
-from mmjax.config import base_config, tower
+from mmjax.config import ConfigError, base_config, parse_arg, tower
+from mmjax.config_blocks import TINY_TOWER, digits_data
 from mmjax.tuning.config import finetune_config, init_config
 
 STRATEGY_DEFAULTS = {
@@ -33,12 +34,13 @@ CLIP_ONLY = r"^(text_tower|image_proj|text_proj|logit_scale|logit_bias)(/|$)"
 
 
 def get_config(arg=None):
-  tokens = [t for t in (arg or "").split(",") if t]
-  unknown = set(tokens) - set(STRATEGY_DEFAULTS) - {"tiny", "augment", "clip_pretrain"}
-  if unknown:
-    raise ValueError(f"configs/finetune_digits.py: unknown arg {sorted(unknown)}; known: "
-                     f"{sorted(STRATEGY_DEFAULTS)}, 'tiny', 'augment' and 'clip_pretrain'")
-  strategy = next((t for t in tokens if t in STRATEGY_DEFAULTS), "full")
+  tokens, _ = parse_arg(arg, {*STRATEGY_DEFAULTS, "tiny", "augment", "clip_pretrain"},
+                       where="configs/finetune_digits.py")
+  strategies = sorted(tokens & set(STRATEGY_DEFAULTS))
+  if len(strategies) > 1:
+    raise ConfigError(f"configs/finetune_digits.py: arg {arg!r} names {len(strategies)} "
+                      f"strategies {strategies}; give at most one")
+  strategy = strategies[0] if strategies else "full"
 
   c = base_config()
   c.total_steps = 600
@@ -46,11 +48,7 @@ def get_config(arg=None):
   c.log_every = 50
   c.checkpoint_every = 0
   c.keep_checkpoints = 1
-  c.data = ml_collections.ConfigDict(dict(
-      name="digits", image_size=32, max_len=16, seed=0, num_workers=0,
-      mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
-      augment=dict(crop_scale=(0.8, 1.0), flip=False),   # no flip: digits have a handedness
-      tokenizer="", vocab_size=256, cache_dir=""))
+  c.data = digits_data()
   c.model = ml_collections.ConfigDict(dict(
       image=tower(patch=4, width=96, depth=4, heads=4, mlp_dim=192, pool="gap"),
       classifier=dict(input="image", num_classes=10), dtype="float32",
@@ -87,9 +85,8 @@ def get_config(arg=None):
     c.eval_batch_size = 128
     c.log_every = 4
     c.optim.warmup_steps = 2
-    c.model.image.update(width=32, depth=2, heads=2, mlp_dim=64)
-    c.model.image.patch = 8
+    c.model.image.update(TINY_TOWER, depth=2, patch=8)
     if c.model.get("text"):
-      c.model.text.update(width=32, depth=1, heads=2, mlp_dim=64)
+      c.model.text.update(TINY_TOWER)
       c.model.embed_dim = 32
   return c

@@ -11,11 +11,13 @@ arg "tiny": a seconds-long variant for tests.
 """
 import ml_collections
 
-from mmjax.config import base_config, tower
+from mmjax.config import base_config, parse_arg
+from mmjax.config_blocks import TINY_TOWER, demo_towers, shapes_data
 from mmjax.tuning.config import finetune_config, init_config
 
 
 def get_config(arg=None):
+  flags, _ = parse_arg(arg, {"tiny"}, where="configs/finetune_itm.py")
   c = base_config()
   c.total_steps = 500
   c.batch_size = 64
@@ -23,17 +25,9 @@ def get_config(arg=None):
   c.checkpoint_every = 0
   c.keep_checkpoints = 1
 
-  c.data = ml_collections.ConfigDict(dict(
-      name="shapes", image_size=32, max_len=16, seed=0, num_workers=0,
-      train_size=50_000, eval_size=1024, num_objects=(1, 3),
-      mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
-      augment=dict(crop_scale=(1.0, 1.0), flip=False),   # no flip: captions say "left of"
-      tokenizer="", vocab_size=256, cache_dir=""))
-  size = dict(width=96, depth=3, heads=4, mlp_dim=192)
+  c.data = shapes_data()
   c.model = ml_collections.ConfigDict(dict(
-      image=tower(patch=4, **size), text=tower(vocab_size=0, **dict(size, depth=2)),
-      fusion=tower(mode="cross", **dict(size, depth=1)), embed_dim=96, dtype="float32",
-      dropout=0.0, drop_path=0.0))
+      **demo_towers(), embed_dim=96, dtype="float32", dropout=0.0, drop_path=0.0))
   c.objectives = ml_collections.ConfigDict(dict(itm=1.0, contrastive=0.1))
   c.optim.lr = 3e-4
   c.optim.warmup_steps = 50
@@ -43,7 +37,7 @@ def get_config(arg=None):
       itm=dict(type="itm", split="test"),
       retrieval=dict(type="retrieval", split="test")))
 
-  if arg == "tiny":
+  if "tiny" in flags:
     c.total_steps = 20
     c.batch_size = 16
     c.eval_batch_size = 64
@@ -52,8 +46,6 @@ def get_config(arg=None):
     c.data.train_size = 512
     c.data.eval_size = 64
     for t in (c.model.image, c.model.text, c.model.fusion):
-      t.update(width=32, depth=1, heads=2, mlp_dim=64)
+      t.update(TINY_TOWER)
     c.model.embed_dim = 32
-  elif arg:
-    raise ValueError(f"configs/finetune_itm.py: unknown arg {arg!r} (known: 'tiny')")
   return c

@@ -12,12 +12,14 @@ arg "tiny": a seconds-long variant for tests.
 """
 import ml_collections
 
-from mmjax.config import base_config, tower
+from mmjax.config import base_config, parse_arg
+from mmjax.config_blocks import TINY_TOWER, demo_towers, shapes_data
 from mmjax.data.shapes import WORD_TAGS
 from mmjax.tuning.config import finetune_config, init_config
 
 
 def get_config(arg=None):
+  flags, _ = parse_arg(arg, {"tiny"}, where="configs/finetune_ner.py")
   c = base_config()
   c.total_steps = 300
   c.batch_size = 64
@@ -27,14 +29,9 @@ def get_config(arg=None):
 
   # As the demo's (same tokenizer and render cache). max_len 16 holds every caption:
   # the longest, with three objects, is 14 tokens.
-  c.data = ml_collections.ConfigDict(dict(
-      name="shapes", image_size=32, max_len=16, seed=0, num_workers=0,
-      train_size=50_000, eval_size=1024, num_objects=(1, 3),
-      mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), augment=dict(crop_scale=(1.0, 1.0), flip=False),
-      tokenizer="", vocab_size=256, cache_dir="",
-      token_labels="word_tags"))
+  c.data = shapes_data(token_labels="word_tags")
   c.model = ml_collections.ConfigDict(dict(
-      text=tower(vocab_size=0, width=96, depth=2, heads=4, mlp_dim=192),
+      text=demo_towers()["text"],
       classifier=dict(input="text_tokens", num_classes=len(WORD_TAGS)), dtype="float32",
       dropout=0.0, drop_path=0.0))
   c.objectives = ml_collections.ConfigDict(dict(token_classify=1.0))
@@ -49,7 +46,7 @@ def get_config(arg=None):
   c.evals = ml_collections.ConfigDict(dict(
       ner=dict(type="ner", split="test", label="word_tags")))
 
-  if arg == "tiny":
+  if "tiny" in flags:
     c.total_steps = 20
     c.batch_size = 16
     c.eval_batch_size = 64
@@ -57,7 +54,5 @@ def get_config(arg=None):
     c.optim.warmup_steps = 2
     c.data.train_size = 512
     c.data.eval_size = 64
-    c.model.text.update(width=32, depth=1, heads=2, mlp_dim=64)
-  elif arg:
-    raise ValueError(f"configs/finetune_ner.py: unknown arg {arg!r} (known: 'tiny')")
+    c.model.text.update(TINY_TOWER)
   return c

@@ -12,12 +12,14 @@ arg "tiny": a seconds-long variant for tests.
 """
 import ml_collections
 
-from mmjax.config import base_config, tower
+from mmjax.config import base_config, parse_arg
+from mmjax.config_blocks import TINY_TOWER, demo_towers, shapes_data
 from mmjax.data.shapes import ANSWERS
 from mmjax.tuning.config import finetune_config, init_config
 
 
 def get_config(arg=None):
+  flags, _ = parse_arg(arg, {"tiny"}, where="configs/finetune_vqa.py")
   c = base_config()
   c.total_steps = 1500
   c.batch_size = 64
@@ -25,19 +27,10 @@ def get_config(arg=None):
   c.checkpoint_every = 0
   c.keep_checkpoints = 1
 
-  c.data = ml_collections.ConfigDict(dict(
-      name="shapes", image_size=32, max_len=16, seed=0, num_workers=0,
-      train_size=50_000, eval_size=1024, num_objects=(1, 3),
-      mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
-      augment=dict(crop_scale=(1.0, 1.0), flip=False),   # no crop: it could cut off a shape
-      tokenizer="", vocab_size=256, cache_dir="",
-      text_field="question"))
-  size = dict(width=96, depth=3, heads=4, mlp_dim=192)
+  c.data = shapes_data(text_field="question")
   c.model = ml_collections.ConfigDict(dict(
-      image=tower(patch=4, **size), text=tower(vocab_size=0, **dict(size, depth=2)),
-      fusion=tower(mode="cross", **dict(size, depth=1)),
-      classifier=dict(input="fusion", num_classes=len(ANSWERS)), dtype="float32",
-      dropout=0.0, drop_path=0.0))
+      **demo_towers(), classifier=dict(input="fusion", num_classes=len(ANSWERS)),
+      dtype="float32", dropout=0.0, drop_path=0.0))
   c.objectives = ml_collections.ConfigDict(dict(classify=1.0))
   c.objective_options = ml_collections.ConfigDict(dict(
       classify=dict(label="answer_id", label_smoothing=0.0)))
@@ -48,7 +41,7 @@ def get_config(arg=None):
   c.evals = ml_collections.ConfigDict(dict(
       vqa=dict(type="classification", split="test", label="answer_id")))
 
-  if arg == "tiny":
+  if "tiny" in flags:
     c.total_steps = 20
     c.batch_size = 16
     c.eval_batch_size = 64
@@ -57,7 +50,5 @@ def get_config(arg=None):
     c.data.train_size = 512
     c.data.eval_size = 64
     for t in (c.model.image, c.model.text, c.model.fusion):
-      t.update(width=32, depth=1, heads=2, mlp_dim=64)
-  elif arg:
-    raise ValueError(f"configs/finetune_vqa.py: unknown arg {arg!r} (known: 'tiny')")
+      t.update(TINY_TOWER)
   return c

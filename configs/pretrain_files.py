@@ -12,19 +12,19 @@ WordPiece tokenizer is trained on the captions and cached.
 """
 import ml_collections
 
-from mmjax.config import base_config, tower
+from mmjax.config import base_config, data_block, tower
 
 
 def get_config(path=""):
   c = base_config()
   c.total_steps = 2000
   c.eval_batch_size = 128
-  c.data = ml_collections.ConfigDict(dict(
-      name="files", path=path, image_dir="", image_key="image", text_key="caption",
-      label_key="", on_bad="skip", image_size=64, max_len=32, seed=0, num_workers=0,
-      mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
-      augment=dict(crop_scale=(0.6, 1.0), flip=True),
-      tokenizer="", vocab_size=4096, cache_dir=""))
+  # Every other field (data.tokenizer, data.train_examples, ...): mmjax/config.py DATA_FIELDS.
+  c.data = data_block(
+      "files", path=path, image_dir="", image_key="image", text_key="caption", label_key="",
+      on_bad="skip", image_size=64, max_len=32,
+      mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),     # ImageNet's
+      augment=dict(crop_scale=(0.6, 1.0), flip=True), vocab_size=4096)
   c.model = ml_collections.ConfigDict(dict(
       image=tower(variant="Ti", patch=8, depth=6),
       text=tower(variant="Ti", depth=6, vocab_size=0),

@@ -10,19 +10,18 @@ zero-shot evaluator classifies its label names.
 """
 import ml_collections
 
-from mmjax.config import base_config, tower
+from mmjax.config import base_config, data_block, tower
 
 
 def get_config(name=""):
   c = base_config()
   c.total_steps = 2000
   c.eval_batch_size = 128
-  c.data = ml_collections.ConfigDict(dict(
-      name="tfds", tfds_name=name, data_dir="", image_key="image", text_key="",
-      label_key="label", caption_template="a photo of a {}.", image_size=32, max_len=16,
-      seed=0, num_workers=0, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
-      augment=dict(crop_scale=(0.8, 1.0), flip=True),
-      tokenizer="", vocab_size=1024, cache_dir=""))
+  # Every other field (data.tokenizer, data.train_examples, ...): mmjax/config.py DATA_FIELDS.
+  c.data = data_block(
+      "tfds", tfds_name=name, data_dir="", image_key="image", text_key="", label_key="label",
+      caption_template="a photo of a {}.", image_size=32, max_len=16,
+      augment=dict(crop_scale=(0.8, 1.0), flip=True), vocab_size=1024)
   size = dict(width=128, depth=4, heads=4, mlp_dim=256)
   c.model = ml_collections.ConfigDict(dict(
       image=tower(patch=4, **size), text=tower(vocab_size=0, **size),

@@ -2,7 +2,7 @@
 
   mmjax train --config configs/demo.py[:arg] --workdir DIR [--config.key=value ...]
   mmjax finetune --config configs/finetune_digits.py[:arg] --init CKPT_OR_HF_DIR --workdir DIR
-  mmjax eval  --config configs/demo.py --workdir DIR [--step N]
+  mmjax eval  --workdir DIR [--config configs/demo.py] [--step N]
   mmjax demo  [--workdir DIR] [--config.key=value ...]
   mmjax convert --from-hf HF_DIR --to WORKDIR [--config BASE.py] [--image-size N]
   mmjax convert --to-hf WORKDIR --out HF_DIR [--step N]
@@ -18,7 +18,12 @@ import logging
 import os
 import sys
 
+from mmjax import io
 from mmjax.config import ConfigError, load_config
+from mmjax.data import DataError
+from mmjax.io import CheckpointMismatch, UnreadableCheckpoint, UnsupportedModel
+from mmjax.train.loop import NonFiniteLoss, evaluate, finetune, train
+from mmjax.train.state import initial_state
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -32,7 +37,9 @@ def _parser() -> argparse.ArgumentParser:
                      ("demo", "train and evaluate the default config on built-in data")):
     s = sub.add_parser(name, help=text)
     s.add_argument("--config", default="demo" if name == "demo" else None,
-                   required=name != "demo", help="configs/<name>.py[:arg] or a built-in name")
+                   required=name in ("train", "finetune"),
+                   help="configs/<name>.py[:arg] or a built-in name" +
+                        (" (default: the workdir's own config.json)" if name == "eval" else ""))
     s.add_argument("--workdir", default="workdirs/demo" if name == "demo" else None,
                    required=name != "demo")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -59,37 +66,48 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _convert(args, overrides: list[str]) -> int:
-  from mmjax.convert import pretrained, workdir  # pylint: disable=g-import-not-at-top
   if args.from_hf:
     if not args.to:
       print("mmjax: convert --from-hf needs --to WORKDIR", file=sys.stderr)
       return 2
     base = load_config(args.config, overrides) if args.config else None
-    p = pretrained.from_pretrained(args.from_hf, image_size=args.image_size,
-                                   max_len=args.max_len, allow_missing=args.allow_missing)
+    p = io.from_pretrained(args.from_hf, image_size=args.image_size, max_len=args.max_len,
+                           allow_missing=args.allow_missing)
     out = os.path.abspath(args.to)
-    config = workdir.run_config(p, base, os.path.join(out, "tokenizer.json")
-                                if p.tokenizer is not None else "")
+    config = io.workdir.run_config(p, base, os.path.join(out, "tokenizer.json")
+                                   if p.tokenizer is not None else "")
     params = p.params
     if config.model.get("fusion"):   # kept from the base config: it must be allowed missing
-      params = pretrained.load_params(args.from_hf, config, allow_missing=args.allow_missing)
-    workdir.write_workdir(out, config, params, p.hf_config, p.tokenizer)
+      params = io.hf.load_params(args.from_hf, config, allow_missing=args.allow_missing)
+    io.workdir.write_workdir(out, config, initial_state(config, params), p.hf_config,
+                             p.tokenizer)
     print(json.dumps({"architecture": p.architecture, "workdir": out,
                       "config": os.path.join(out, "config.py")}))
     return 0
   if not args.out:
     print("mmjax: convert --to-hf needs --out HF_DIR", file=sys.stderr)
     return 2
-  config, params, step = workdir.read_workdir(args.to_hf, args.step)
-  tokenizer = None
-  if config.data.get("tokenizer"):
-    from mmjax.data import load_tokenizer  # pylint: disable=g-import-not-at-top
-    tokenizer = load_tokenizer(config.data.tokenizer)
-  pretrained.save_pretrained(args.out, config, params,
-                             hf_config_base=workdir.hf_config_of(args.to_hf), tokenizer=tokenizer)
-  print(json.dumps({"workdir": os.path.abspath(args.to_hf), "step": step,
+  loaded = io.load(args.to_hf, args.step, what="--to-hf")
+  if loaded.kind != "workdir":
+    print(f"mmjax: convert --to-hf takes an mmjax workdir; {args.to_hf} is a Hugging Face "
+          f"directory already", file=sys.stderr)
+    return 2
+  io.save_pretrained(args.out, loaded.config, loaded.params, hf_config_base=loaded.hf_config,
+                     tokenizer=loaded.tokenizer)
+  print(json.dumps({"workdir": str(loaded.path), "step": loaded.step,
                     "out": os.path.abspath(args.out)}))
   return 0
+
+
+# Problems with the user's data, config, checkpoint or workdir: the message says what and
+# where; a traceback would only bury it (MMJAX_TRACEBACK=1 shows it).
+USER_ERRORS = (ConfigError, DataError, NonFiniteLoss, CheckpointMismatch, UnreadableCheckpoint,
+               UnsupportedModel, FileNotFoundError, ValueError, KeyError)
+
+
+def _message(e: BaseException) -> str:
+  # KeyError's str() is the repr of its argument, quotes and all.
+  return e.args[0] if isinstance(e, KeyError) and e.args else str(e)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,35 +122,30 @@ def main(argv: list[str] | None = None) -> int:
   if args.command == "convert":
     try:
       return _convert(args, overrides)
-    except (ConfigError, ValueError, FileNotFoundError) as e:
-      print(f"mmjax: convert: {e}", file=sys.stderr)
+    except USER_ERRORS as e:
+      if os.environ.get("MMJAX_TRACEBACK"):
+        raise
+      print(f"mmjax convert: error: {_message(e)}", file=sys.stderr)
       return 2
   try:
-    config = load_config(args.config, overrides)
+    config = load_config(args.config, overrides) if args.config else None
   except ConfigError as e:
     print(f"mmjax: config error: {e}", file=sys.stderr)
     return 2
-  import mmjax
-  from mmjax.data import DataError
-  from mmjax.train.checkpoint import CheckpointMismatch
-  from mmjax.train.loop import NonFiniteLoss
-
-  os.makedirs(args.workdir, exist_ok=True)
+  if config is None and overrides:
+    print(f"mmjax {args.command}: --config.* overrides need --config", file=sys.stderr)
+    return 2
   try:
     if args.command in ("train", "demo"):
-      result = mmjax.train(config, args.workdir, progress=not args.no_progress)
+      result = train(config, args.workdir, progress=not args.no_progress)
     elif args.command == "finetune":
-      result = mmjax.finetune(config, args.workdir, init=args.init,
-                              progress=not args.no_progress)
+      result = finetune(config, args.workdir, init=args.init, progress=not args.no_progress)
     else:
-      result = mmjax.evaluate(config, args.workdir, step=args.step)
-  except (DataError, NonFiniteLoss, CheckpointMismatch, FileNotFoundError, ValueError,
-          KeyError) as e:
-    # Problems with the user's data, config or workdir: the message says what
-    # and where; a traceback would only bury it (MMJAX_TRACEBACK=1 shows it).
+      result = evaluate(config, args.workdir, step=args.step)
+  except USER_ERRORS as e:
     if os.environ.get("MMJAX_TRACEBACK"):
       raise
-    print(f"mmjax {args.command}: error: {e}", file=sys.stderr)
+    print(f"mmjax {args.command}: error: {_message(e)}", file=sys.stderr)
     return 1
   print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v)
                     for k, v in sorted(result.items())}))

@@ -3,14 +3,19 @@
 `load_config("configs/demo.py:tiny", ["--config.optim.lr=1e-3"])` loads, applies
 overrides and locks. A key that does not exist is an error naming the key and
 the nearest valid one, raised before anything is computed.
+
+Configs build on `base_config()` (run-level defaults), `tower(...)` and
+`data_block(name, ...)` (every data field the pipeline reads, with its default), and
+read their arg with `parse_arg`. Values are checked by `mmjax.config_checks.validate`.
 """
 from __future__ import annotations
 
 import ast
+import copy
 import difflib
 import importlib.util
 import pathlib
-from typing import Any, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import ml_collections
 
@@ -47,7 +52,8 @@ def _resolve(spec: str) -> tuple[pathlib.Path, str | None]:
   return p, (arg or None)
 
 
-def _parse(raw: str, old: Any, key: str) -> Any:
+def _parse(raw: str, old: Any, name: str) -> Any:
+  """`raw` as a value of `old`'s type; `name` ("--config.optim.lr") says where it came from."""
   if isinstance(old, str):
     return raw
   try:
@@ -55,9 +61,9 @@ def _parse(raw: str, old: Any, key: str) -> Any:
   except (ValueError, SyntaxError):
     if old is None:
       return raw
-    raise ConfigError(f"--config.{key}={raw}: cannot parse as {type(old).__name__}") from None
+    raise ConfigError(f"{name}={raw}: cannot parse as {type(old).__name__}") from None
   if isinstance(old, bool) and not isinstance(value, bool):
-    raise ConfigError(f"--config.{key}={raw}: expected True or False")
+    raise ConfigError(f"{name}={raw}: expected True or False")
   if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
     value = float(value)
   if isinstance(old, tuple) and isinstance(value, list):
@@ -65,7 +71,7 @@ def _parse(raw: str, old: Any, key: str) -> Any:
   if isinstance(old, ml_collections.ConfigDict) and isinstance(value, dict):
     return ml_collections.ConfigDict(value)   # replaces the whole sub-config
   if old is not None and not isinstance(value, type(old)):
-    raise ConfigError(f"--config.{key}={raw}: expected {type(old).__name__}, got "
+    raise ConfigError(f"{name}={raw}: expected {type(old).__name__}, got "
                       f"{type(value).__name__}")
   return value
 
@@ -80,7 +86,7 @@ def set_key(cfg: ml_collections.ConfigDict, key: str, raw: str) -> None:
     if i < len(parts) - 1:
       node = node[part]
   with node.unlocked():
-    node[parts[-1]] = _parse(raw, node[parts[-1]], key)
+    node[parts[-1]] = _parse(raw, node[parts[-1]], f"--config.{key}")
 
 
 def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Sequence[str]) -> None:
@@ -107,11 +113,88 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
   return cfg
 
 
+def parse_arg(arg: str | None, flags: Iterable[str] = (),
+              defaults: Mapping[str, Any] | None = None, *, where: str = "config"
+              ) -> tuple[set[str], dict[str, Any]]:
+  """The `arg` of `file.py:arg` as comma-separated tokens: flags ("tiny") and
+  key=value pairs typed like `defaults` ("rank=4" -> 4 when the default is an int).
+
+  Returns (the flags given, `defaults` updated by the values given). An unknown
+  token is a ConfigError naming it, the nearest known one and all of them.
+  """
+  flags, on, values, given = set(flags), set(), dict(defaults or {}), set()
+  for token in filter(None, (t.strip() for t in (arg or "").split(","))):
+    key, eq, raw = token.partition("=")
+    if not eq and key in flags:
+      on.add(key)
+    elif eq and key in values:
+      if key in given:
+        raise ConfigError(f"{where}: arg {key!r} given twice in {arg!r}")
+      given.add(key)
+      values[key] = _parse(raw, values[key], f"{where} arg {key}")
+    else:
+      near = difflib.get_close_matches(key, sorted(flags | set(values)), n=1, cutoff=0.5)
+      hint = f" (did you mean {near[0]!r}?)" if near else ""
+      known = f"flags {sorted(flags)}" + (f", key=value {sorted(values)}" if values else "")
+      raise ConfigError(f"{where}: unknown arg {token!r}{hint}; known: {known}")
+  return on, values
+
+
 def tower(**fields) -> ml_collections.ConfigDict:
   """A tower's config: a named `variant` ("B/16", "mu") and/or explicit sizes
   (0 = from the variant)."""
   base = dict(variant="", width=0, depth=0, heads=0, mlp_dim=0, pool="cls", act="gelu")
   return ml_collections.ConfigDict({**base, **fields})
+
+
+# `config.data` fields every source's pipeline reads (mmjax/data: pipeline, tokenizer,
+# cache), with the values the code falls back to when a field is absent.
+DATA_FIELDS = dict(
+    name="",                  # a source of SOURCE_FIELDS
+    image_size=32, max_len=16,          # pixels per side; text tokens per example, padded
+    seed=0, num_workers=0,
+    mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),     # of [0, 1] pixels, per RGB channel
+    augment=dict(crop_scale=(1.0, 1.0), flip=False),   # train only; off as given
+    tokenizer="",             # a Hugging Face tokenizer file or folder; "" = train WordPiece
+    vocab_size=1000,          # of the trained WordPiece tokenizer
+    cache_dir="",             # "" = $MMJAX_CACHE or ~/.cache/mmjax
+    text_field="caption",     # the example field that becomes the text tokens
+    token_labels="",          # a per-word tag field to align to tokens ("word_tags"); "" = none
+    train_examples=0,         # > 0: a fixed seeded subset of the train split (a label budget)
+)
+# Each source's own fields, with the code's defaults.
+SOURCE_FIELDS = {
+    "shapes": dict(train_size=50_000, eval_size=2_000, num_objects=(1, 3)),
+    "digits": {},
+    "files": dict(path="", image_dir="", image_key="image", text_key="caption", label_key="",
+                  on_bad="skip"),
+    "tfds": dict(tfds_name="", data_dir="", image_key="image", text_key="", label_key="label",
+                 caption_template="a photo of a {}."),
+}
+
+
+def data_fields(name: str) -> dict[str, Any]:
+  """Every field source `name`'s `config.data` may have, with its default."""
+  if name not in SOURCE_FIELDS:
+    raise ConfigError(f"data.name={name!r}: expected one of {sorted(SOURCE_FIELDS)}")
+  return copy.deepcopy({**DATA_FIELDS, **SOURCE_FIELDS[name], "name": name})
+
+
+def data_block(name: str, **fields) -> ml_collections.ConfigDict:
+  """`config.data` for source `name`: every field it reads, so that any of them can be
+  overridden (`--config.data.train_examples=100`); `fields` change the defaults."""
+  block = data_fields(name)
+  for key in fields:
+    if key not in block:
+      near = difflib.get_close_matches(key, list(block), n=1, cutoff=0.5)
+      hint = f"; did you mean '{near[0]}'?" if near else ""
+      raise ConfigError(f"data_block({name!r}): unknown field '{key}'{hint}")
+  return ml_collections.ConfigDict({**block, **fields})
+
+
+# Params (by path name) that optim.weight_decay leaves alone: biases, norm scales,
+# embeddings and temperatures.
+NO_DECAY = r"(bias|scale|posemb|cls|token_embed|modality_embed|logit_scale|logit_bias)$"
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -126,12 +209,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.log_every = 50
   c.eval_every = 0              # 0: evaluate at the end only
   c.checkpoint_every = 500
+  # Train checkpoints kept in <workdir>/checkpoints (the newest); the one default, so code
+  # reads config.keep_checkpoints rather than falling back to a number of its own.
   c.keep_checkpoints = 2
   c.objectives = ml_collections.ConfigDict(dict(contrastive=1.0))
   c.optim = ml_collections.ConfigDict(dict(
       name="adamw", lr=1e-3, b1=0.9, b2=0.98, eps=1e-8, weight_decay=0.05, momentum=0.9,
       schedule="cosine", warmup_steps=100, end_lr_factor=0.0, clip_norm=1.0,
-      accum_steps=1, frozen=""))
+      accum_steps=1, frozen="", no_decay=NO_DECAY))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
   c.sharding_rules = ()         # ((regex, (axis or None, ...)), ...), e.g. ((r"kernel$", ("fsdp",)),)
   # Multi-process runs: auto=True on TPU VMs / SLURM, else coordinator "host:port".

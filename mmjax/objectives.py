@@ -89,7 +89,7 @@ def classify(outputs, batch, *, label: str = "label", label_smoothing: float = 0
   return (per_example * w).sum() / n, {"acc": acc}
 
 
-DISTILL_TEMPERATURE = 2.0   # also config.distill.temperature's default; the two must agree
+DISTILL_TEMPERATURE = 2.0   # config.distill.temperature's default; the loop passes that value
 
 
 def distill(outputs, batch, *, temperature: float = DISTILL_TEMPERATURE):

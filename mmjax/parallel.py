@@ -12,6 +12,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
+from mmjax.io.trees import path_name
+
 AXES = ("data", "fsdp")
 BATCH_SPEC = P(AXES)
 
@@ -50,12 +52,6 @@ def make_mesh(mesh_cfg: Mapping[str, int] | None = None, devices=None) -> jax.sh
   if devices == list(jax.devices()):
     return jax.make_mesh(tuple(sizes), AXES, axis_types=(AxisType.Auto,) * len(AXES))
   return jax.sharding.Mesh(np.array(devices).reshape(sizes), AXES)
-
-
-def path_name(path) -> str:
-  """A pytree key path as "a/b/kernel"."""
-  return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
-                  for k in path)
 
 
 def param_specs(params: Any, rules: Sequence[tuple[str, Sequence[str | None]]],

@@ -20,3 +20,10 @@ def run_python(code: str, *, devices: int = 1, timeout: int = 600, env=None):
            PYTHONPATH=str(ROOT), **(env or {}))
   return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                         timeout=timeout, env=e, cwd=ROOT)
+
+
+def read_workdir(path, step=None):
+  """(config, params, step) of a workdir, through the one loader."""
+  from mmjax import io  # pylint: disable=g-import-not-at-top
+  got = io.load(path, step)
+  return got.config, got.params, got.step

@@ -10,7 +10,7 @@ from PIL import Image  # noqa: E402
 transformers = pytest.importorskip("transformers")
 skdata = pytest.importorskip("skimage.data")
 
-from mmjax.convert import ImagePreprocess  # noqa: E402
+from mmjax.io import ImagePreprocess  # noqa: E402
 
 # Photos of several shapes: square, landscape 3:2 and 4:3-ish, grayscale.
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "camera")

@@ -11,10 +11,12 @@ import pytest
 import mmjax
 from mmjax import objectives, parallel
 from mmjax.config import load_config
-from mmjax.convert.workdir import read_workdir
 from mmjax.data import DataError, make_dataset
 from mmjax.data import tokenizer as tokenizer_lib
+from mmjax.train import loop
 from mmjax.tuning.distill import load_teacher
+
+from conftest import read_workdir
 
 
 def _softmax(x):
@@ -102,7 +104,6 @@ def test_hugging_face_vit_classifier_is_a_teacher(tmp_path):
 
 @pytest.mark.parametrize("overrides, error, match", [
     (["--config.model.classifier.num_classes=5"], ValueError, "10 classes .* is 5"),
-    (["--config.distill.temperature=1.0"], ValueError, "temperature"),
     (["--config.objectives={'classify': 1.0}"], ValueError, "has no 'distill'"),
 ])
 def test_mismatched_student_is_a_clear_error(teacher_dir, overrides, error, match):
@@ -110,8 +111,24 @@ def test_mismatched_student_is_a_clear_error(teacher_dir, overrides, error, matc
     load_teacher(_distill_config(teacher_dir, *overrides), parallel.make_mesh())
 
 
+def test_the_temperature_has_one_home():
+  config = load_config("distill_digits:distill,tiny", ["--config.distill.temperature=3.0"])
+  outputs = {"class_logits": jnp.array([[2.0, 0.0, 1.0]]),
+             "teacher_class_logits": jnp.array([[0.0, 2.0, 1.0]])}
+  batch = {"label": jnp.array([0]), "valid": jnp.ones((1,))}
+  _, metrics = loop.loss_function(config)(outputs, batch)
+  want, _ = objectives.distill(outputs, batch, temperature=3.0)
+  other, _ = objectives.distill(outputs, batch, temperature=2.0)
+  np.testing.assert_allclose(metrics["distill_loss"], want, rtol=1e-6)
+  assert abs(float(want) - float(other)) > 1e-3
+  with config.unlocked():
+    config.objective_options.distill = dict(temperature=1.0)
+  with pytest.raises(ValueError, match="set config.distill.temperature"):
+    loop.loss_function(config)
+
+
 def test_bad_teacher_path_is_a_clear_error(tmp_path):
-  with pytest.raises(FileNotFoundError, match="neither an mmjax workdir"):
+  with pytest.raises(FileNotFoundError, match="distill.teacher='.*nowhere' does not exist"):
     load_teacher(_distill_config(tmp_path / "nowhere"), parallel.make_mesh())
   with pytest.raises(ValueError, match="distill.teacher is empty"):
     load_teacher(load_config("distill_digits:distill,tiny"), parallel.make_mesh())

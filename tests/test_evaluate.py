@@ -51,17 +51,18 @@ def test_linear_probe_reads_labels_aligned_with_images():
 
 
 def test_held_out_sources_are_built_once_across_evaluations(monkeypatch):
-  """The loop shares one `sources` dict across evaluations: a user's files are
+  """The loop shares one `Sources` across evaluations: a user's files are
   validated once per run, not once per evaluator and eval step."""
   from mmjax import data as mmdata
+  from mmjax.data import sources as sources_lib
   calls = []
-  real = mmdata.build_source
-  monkeypatch.setattr(mmdata, "build_source",
+  real = sources_lib.build_source
+  monkeypatch.setattr(sources_lib, "build_source",
                       lambda *a, **k: calls.append(a[1]) or real(*a, **k))
   config = mmjax.load_config("demo:tiny")
   run = setup(config)
   evals = {k: config.evals[k] for k in ("retrieval", "itm", "zeroshot_color")}
-  sources = {}
+  sources = mmdata.Sources()
   for _ in range(2):   # two evaluation steps of one run
     ctx = EvalContext(config, run.tokenizer, Embedder(run.model, run.state.params, run.mesh),
                       sources=sources)

@@ -13,12 +13,13 @@ import pytest  # noqa: E402
 from flax import traverse_util  # noqa: E402
 
 import mmjax  # noqa: E402
-from mmjax.convert import pretrained as hf_pretrained  # noqa: E402
-from mmjax.convert.workdir import read_workdir  # noqa: E402
+from mmjax.io import hf as hf_pretrained  # noqa: E402
 from mmjax.models import build_model  # noqa: E402
-from mmjax.train.checkpoint import Checkpointer  # noqa: E402
+from mmjax.io import Checkpointer  # noqa: E402
 from mmjax.train.early_stop import EarlyStopping  # noqa: E402
 from mmjax.tuning import NEW_PARAMS, finetune_config  # noqa: E402
+
+from conftest import read_workdir  # noqa: E402
 
 
 def flat(params):
@@ -115,9 +116,9 @@ def test_lora_checkpoints_hold_only_what_changed_and_load_back_whole(base, tmp_p
   wd = tmp_path / "lora"
   result = mmjax.finetune(lora(), wd, progress=False)
 
-  ckpt = Checkpointer(wd)
+  ckpt = Checkpointer(wd, keep=2)
   saved = flat(ckpt.manager.item_metadata(8)["state"]["params"])
-  pointer = ckpt.base_of(8)
+  pointer = ckpt.data_of(8)["base"]
   ckpt.close()
   assert saved and all("lora_" in k or k.startswith("classifier/") for k in saved), sorted(saved)
   assert pointer["path"] == str(base.absolute()) and pointer["step"] == 8
@@ -146,8 +147,8 @@ def test_lora_checkpoints_hold_only_what_changed_and_load_back_whole(base, tmp_p
   # save_frozen=True writes every param.
   full = tmp_path / "full"
   mmjax.finetune(lora("--config.finetune.save_frozen=True"), full, progress=False)
-  ckpt = Checkpointer(full)
-  assert ckpt.base_of(8) is None
+  ckpt = Checkpointer(full, keep=2)
+  assert "base" not in ckpt.data_of(8)
   assert len(flat(ckpt.manager.item_metadata(8)["state"]["params"])) == len(tuned)
   ckpt.close()
 

@@ -14,12 +14,11 @@ import pytest
 
 import mmjax
 from mmjax import objectives
-from mmjax.convert.workdir import read_workdir
 from mmjax.tuning.init import load_init
 from mmjax.models import build_model
-from mmjax.train.checkpoint import CheckpointMismatch
+from mmjax.io import CheckpointMismatch
 
-from conftest import ROOT
+from conftest import ROOT, read_workdir
 
 B, S, L, V, C = 3, 16, 8, 40, 4
 

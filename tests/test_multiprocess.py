@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import mmjax
-from mmjax.train.checkpoint import Checkpointer
+from mmjax.io import Checkpointer
 from mmjax.train.loop import setup
 
 from conftest import ROOT
@@ -56,7 +56,7 @@ def test_two_processes_train_like_one(tmp_path):
   np.testing.assert_allclose(loss("two"), loss("one"), rtol=1e-5)
   config = mmjax.load_config("demo:tiny", [a for a in ARGS if a.startswith("--config.")])
   target = setup(config).state
-  two, _, _ = Checkpointer(tmp_path / "two").restore(target)
-  one, _, _ = Checkpointer(tmp_path / "one").restore(target)
+  two, _, _ = Checkpointer(tmp_path / "two", keep=2).restore(target)
+  one, _, _ = Checkpointer(tmp_path / "one", keep=2).restore(target)
   for a, b in zip(jax.tree.leaves(two.params), jax.tree.leaves(one.params)):
     np.testing.assert_allclose(a, b, atol=1e-5)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import mmjax
-from mmjax.train.checkpoint import Checkpointer
+from mmjax.io import Checkpointer
 from mmjax.train.loop import setup
 
 from conftest import ROOT, run_python
@@ -24,7 +24,7 @@ def cli(*args, timeout=600):
 
 def final_params(workdir, overrides):
   config = mmjax.load_config("demo:tiny", overrides)
-  state, _, step = Checkpointer(workdir).restore(setup(config).state)
+  state, _, step = Checkpointer(workdir, keep=2).restore(setup(config).state)
   return step, jax.device_get(state.params)
 
 
@@ -128,7 +128,7 @@ def test_nan_stops_training_and_keeps_last_good_checkpoint(tmp_path):
   bad = cli("train", "--workdir", wd, *common, "--config.optim.lr=1e30")
   assert bad.returncode != 0
   assert "NaN/inf" in bad.stderr and "last good checkpoint (step 10)" in bad.stderr
-  assert Checkpointer(wd).latest_step() == 10
+  assert Checkpointer(wd, keep=2).latest_step() == 10
   step, params = final_params(wd, [])
   assert step == 10
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))

@@ -57,5 +57,9 @@ class DigitsSource:
     return [self[i]['caption'] for i in range(len(self))]
 
 
+# The data.* fields that change the captions: the tokenizer's cache key (sources.SOURCES).
+CORPUS_FIELDS = ('seed',)
+
+
 def build(data, split: str) -> DigitsSource:
   return DigitsSource(int(data.get('seed', 0)), split, int(data.image_size))

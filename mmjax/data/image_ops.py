@@ -1,5 +1,5 @@
-"""Image preprocessing on numpy: random-resized crop, flip, colour jitter, RandAugment,
-resize, normalise.
+"""Image preprocessing on numpy: any pixel array to uint8 RGB, random-resized crop, flip,
+colour jitter, RandAugment, resize, normalise.
 
 RandAugment is written here because no maintained numpy/PIL implementation exists outside torch/TF.
 """
@@ -10,6 +10,54 @@ import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
 _RATIO = (3 / 4, 4 / 3)  # aspect-ratio range of a random-resized crop
+BACKGROUND = 255  # transparent pixels are composited onto white (in every channel)
+
+
+def to_uint8(values: np.ndarray) -> np.ndarray:
+  """Pixel values of any dtype -> uint8 of the same shape, by the values' bit depth.
+
+  uint8 as is; bool (1-bit) x 255; integers up to 65535 are 16-bit, their high byte kept
+  (v >> 8, so 32768 -> 128), also when stored wider (PIL's mode I, 32-bit, holds 16-bit
+  PNGs); integers above 65535 are scaled by their maximum to 0..255. Floats whose
+  maximum is <= 1 are [0, 1] and scaled x 255; other floats are taken as 0..255 already
+  and clipped. Negative and NaN values become 0.
+  """
+  if values.dtype == np.uint8:
+    return values
+  if values.dtype == np.bool_:
+    return values.astype(np.uint8) * np.uint8(255)
+  if np.issubdtype(values.dtype, np.integer):
+    values = values.astype(np.int64).clip(0, None)
+    top = int(values.max(initial=0))
+    if top > 65535:
+      return (values * 255 // top).astype(np.uint8)
+    return (values >> 8).astype(np.uint8)
+  if np.issubdtype(values.dtype, np.floating):
+    values = np.nan_to_num(values.astype(np.float64), nan=0.0, posinf=255.0, neginf=0.0)
+    if values.max(initial=0.0) <= 1.0:
+      values = values * 255.0
+    return np.round(values.clip(0.0, 255.0)).astype(np.uint8)
+  raise ValueError(f'pixel values of dtype {values.dtype}: expected integers, floats or bools')
+
+
+def to_rgb(values: np.ndarray) -> np.ndarray:
+  """An image array of any dtype (see `to_uint8`) -> uint8 RGB [H, W, 3].
+
+  `values` is [H, W] or [H, W, C] with C = 1 (grey), 2 (grey, alpha), 3 (RGB) or
+  4 (RGBA); alpha is composited onto BACKGROUND, so a transparent pixel is white.
+  """
+  values = to_uint8(np.asarray(values))
+  if values.ndim == 2:
+    values = values[..., None]
+  if values.ndim != 3 or values.shape[-1] not in (1, 2, 3, 4):
+    raise ValueError(f'image array of shape {values.shape}: expected [H, W] or [H, W, C] '
+                     'with C = 1 (grey), 2 (grey, alpha), 3 (RGB) or 4 (RGBA)')
+  if values.shape[-1] in (2, 4):
+    color, alpha = values[..., :-1].astype(np.uint32), values[..., -1:].astype(np.uint32)
+    values = ((color * alpha + BACKGROUND * (255 - alpha) + 127) // 255).astype(np.uint8)
+  if values.shape[-1] == 1:
+    values = np.repeat(values, 3, axis=-1)
+  return values
 
 
 def crop_box(height: int, width: int, scale: tuple[float, float],

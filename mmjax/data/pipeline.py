@@ -6,6 +6,7 @@ compute every W-th element, give the same batches as none, and the iterator
 state is just a position.
 """
 
+import difflib
 import math
 
 import grain
@@ -26,15 +27,22 @@ def _numbers(key: str, value, lengths, low: float, high: float) -> tuple[float, 
   return tuple(float(v) for v in value)
 
 
+def _check_keys(where: str, options, known) -> None:
+  """A DataError for the first key of `options` not in `known`, with the nearest known key:
+  a misspelt option would otherwise be silently off."""
+  unknown = sorted(set(options.keys()) - set(known))
+  if unknown:
+    nearest = difflib.get_close_matches(unknown[0], known, n=1)
+    hint = f'did you mean {nearest[0]!r}? ' if nearest else ''
+    raise DataError(f'{where}.{unknown[0]}: unknown key; {hint}known: {", ".join(known)}')
+
+
 def _randaugment_options(value) -> dict:
   """{} (off) or {num_ops, magnitude}, with RandAugment's usual 2 and 9 for a missing key."""
   options = dict(value or {})
   if not options:
     return {}
-  unknown = set(options) - {'num_ops', 'magnitude'}
-  if unknown:
-    raise DataError(f'data.augment.randaugment: unknown keys {sorted(unknown)}; '
-                    'known: num_ops, magnitude')
+  _check_keys('data.augment.randaugment', options, ('num_ops', 'magnitude'))
   num_ops, magnitude = options.get('num_ops', 2), options.get('magnitude', 9)
   if not isinstance(num_ops, int) or isinstance(num_ops, bool) or num_ops < 0:
     raise DataError(f'data.augment.randaugment.num_ops={num_ops!r}: expected an integer >= 0')
@@ -44,10 +52,14 @@ def _randaugment_options(value) -> dict:
   return dict(num_ops=num_ops, magnitude=float(magnitude))
 
 
+_AUGMENT_KEYS = ('crop_scale', 'flip', 'color_jitter', 'randaugment')
+
+
 def _augment_options(augment) -> dict:
   """`data.augment` checked, with every absent key off. Checked when the pipeline is built,
   so a bad value fails at once rather than at the first example in a worker."""
   augment = augment or {}
+  _check_keys('data.augment', augment, _AUGMENT_KEYS)
   crop_scale = _numbers('crop_scale', augment.get('crop_scale', (1.0, 1.0)), (2,), 0.0, 1.0)
   if not 0 < crop_scale[0] <= crop_scale[1]:
     raise DataError(f'data.augment.crop_scale={crop_scale}: expected (min, max) with '

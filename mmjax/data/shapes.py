@@ -260,6 +260,10 @@ class ShapesSource:
     self._images = np.load(self.images_path, mmap_mode='r')
 
 
+# The data.* fields that change the captions: the tokenizer's cache key (sources.SOURCES).
+CORPUS_FIELDS = ('seed', 'train_size', 'num_objects')
+
+
 def build(data, split: str) -> ShapesSource:
   """The split's source, rendered on first use into `cache_root(data)/shapes`."""
   p = _params(data, split)

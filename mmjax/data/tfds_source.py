@@ -2,6 +2,7 @@
 
 import numpy as np
 
+from mmjax.data import image_ops
 from mmjax.data.errors import DataError
 
 
@@ -45,10 +46,8 @@ class TfdsSource:
 
   def __getitem__(self, i: int) -> dict:
     record = self._source[i]
-    image = np.asarray(record[self.image_key])
-    if image.ndim == 2 or image.shape[-1] == 1:
-      image = np.repeat(image.reshape(image.shape[:2] + (1,)), 3, axis=-1)
-    example = {'image': image[..., :3]}
+    # Grey, grey + alpha, RGBA and 16-bit or float images all become uint8 RGB.
+    example = {'image': image_ops.to_rgb(np.asarray(record[self.image_key]))}
     if self.label_key:
       example[self.label_key] = int(record[self.label_key])
     if self.text_key:
@@ -63,6 +62,10 @@ class TfdsSource:
       return [self.caption_template.format(n.replace('_', ' '))
               for n in self.label_names[self.label_key]]
     return [_text(self._source[i][self.text_key]) for i in range(len(self))]
+
+
+# The data.* fields that change the captions: the tokenizer's cache key (sources.SOURCES).
+CORPUS_FIELDS = ('tfds_name', 'data_dir', 'text_key', 'label_key', 'caption_template')
 
 
 def build(data, split: str) -> TfdsSource:

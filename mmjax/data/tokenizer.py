@@ -15,6 +15,7 @@ import tokenizers
 from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
 
 from mmjax.data import cache
+from mmjax.data import sources as sources_lib
 from mmjax.data.errors import DataError
 
 SPECIAL_TOKENS = ('[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]')  # ids 0..4 when we train
@@ -149,25 +150,27 @@ def train_wordpiece(texts, vocab_size: int) -> Tokenizer:
 
 
 def _corpus_params(data) -> dict:
-  """Every config field that changes the training captions, by source name."""
-  fields = {'shapes': ('seed', 'train_size', 'num_objects'), 'digits': ('seed',),
-            'files': ('path', 'text_key', 'image_key', 'image_dir', 'label_key'),
-            'tfds': ('tfds_name', 'data_dir', 'text_key', 'label_key', 'caption_template')}
-  if data.name not in fields:
-    raise DataError(f'data.name={data.name!r}: expected one of {sorted(fields)}')
-  return {'name': data.name, **{f: data.get(f, None) for f in fields[data.name]}}
+  """Every config field that changes the training captions, as the source declares them."""
+  fields = sources_lib.source_module(data.name).CORPUS_FIELDS
+  return {'name': data.name, **{f: data.get(f, None) for f in fields}}
 
 
-def get_tokenizer(data) -> Tokenizer:
-  """`data.tokenizer` when set; else WordPiece trained on the train captions, cached."""
+def get_tokenizer(data, sources=None) -> Tokenizer:
+  """`data.tokenizer` when set; else WordPiece trained on the train captions, cached.
+
+  `sources` (a `Sources`), when given, supplies the train source, so that the run's
+  train iterator reuses the one built here instead of reading the data again.
+  """
   if data.get('tokenizer', ''):
     return load_tokenizer(data.tokenizer)
-  from mmjax.data.sources import build_source  # pylint: disable=g-import-not-at-top
   params = dict(_corpus_params(data), vocab_size=int(data.get('vocab_size', 1000)), version=1)
   folder = cache.cache_root(data) / 'tokenizers' / f"{data.name}-{cache.cache_key(params)}"
   if (folder / 'tokenizer.json').is_file():
     return load_tokenizer(folder)
-  source = build_source(data, 'train')
+  if sources is None:
+    source = sources_lib.build_source(data, 'train')
+  else:
+    source = sources.get(data, 'train')
   # Class names may be spelled in prompts (zero-shot); the tag vocabularies of string
   # fields (shapes' word_tags: "B-SIZE", ...) never appear in text.
   example = source[0]

@@ -3,11 +3,17 @@ macro and weighted averages, as text, JSON and a confusion-matrix PNG."""
 from __future__ import annotations
 
 import json
+import logging
 import pathlib
 from typing import Sequence
 
+import jax
 import numpy as np
 from matplotlib.figure import Figure
+
+from mmjax.evals.context import EvalContext
+
+log = logging.getLogger("mmjax")
 
 
 def report(labels: np.ndarray, predicted: np.ndarray, names: Sequence[str]) -> dict:
@@ -54,3 +60,25 @@ def write(rep: dict, directory: str | pathlib.Path, name: str, names: Sequence[s
              "class_names": list(names)}
   (directory / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
   plot_confusion(rep["confusion"], names, directory / f"{name}_confusion.png", title=name)
+
+
+def evaluate(ctx: EvalContext, ev) -> dict[str, float]:
+  """The model's classifier on `ev.split`: accuracy, macro and weighted P/R/F1, and
+  per-class F1; logs scikit-learn's table and writes <workdir>/reports/<name>.json
+  and <name>_confusion.png."""
+  split = ev.get("split", "test")
+  label = ev.get("label", "label")
+  got = ctx.embedder.classify(ctx.batches(ev), label)
+  names = ctx.classnames(ev, label)
+  rep = report(got[label], got["logits"].argmax(-1), names)
+  name = ctx.name or "classification"
+  log.info("%s on %s (%d examples):\n%s", name, split, len(got[label]), rep["text"])
+  if ctx.workdir is not None and jax.process_index() == 0:
+    write(rep, ctx.workdir / "reports", name, names)
+  r = rep["report"]
+  out = {"acc": float(r["accuracy"])}
+  for avg in ("macro", "weighted"):
+    out.update({f"{avg}_{m}": float(r[f"{avg} avg"][k]) for m, k in
+                (("precision", "precision"), ("recall", "recall"), ("f1", "f1-score"))})
+  out.update({f"f1_{n}": float(r[n]["f1-score"]) for n in names})
+  return out

@@ -3,10 +3,16 @@ a BIO span, and it counts as found only when its type and both ends are right.""
 from __future__ import annotations
 
 import json
+import logging
 import pathlib
 from typing import Sequence
 
+import jax
 import numpy as np
+
+from mmjax.evals.context import EvalContext
+
+log = logging.getLogger("mmjax")
 
 
 def word_tags(logits: np.ndarray, labels: np.ndarray, names: Sequence[str]
@@ -50,3 +56,28 @@ def write(rep: dict, directory: str | pathlib.Path, name: str, names: Sequence[s
             for k, row in rep["report"].items()}   # seqeval gives numpy scalars
   payload = {"report": scores, "word_acc": rep["word_acc"], "tag_names": list(names)}
   (directory / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
+
+
+def evaluate(ctx: EvalContext, ev) -> dict[str, float]:
+  """The token classifier on `ev.split` as a tagger: entity-level micro precision / recall /
+  F1 and per-type F1 (seqeval's BIO spans), and word accuracy; logs seqeval's table and
+  writes <workdir>/reports/<name>.json. Labels: `ev.label`, default data.token_labels."""
+  split, name = ev.get("split", "test"), ctx.name or "ner"
+  label = ev.get("label", "") or ctx.data_config(ev).get("token_labels", "")
+  if not label:
+    raise ValueError(f"evals.{name}: type 'ner' scores token labels; set data.token_labels "
+                     f"(e.g. 'word_tags') or evals.{name}.label")
+  got = ctx.embedder.classify(ctx.batches(ev), label)
+  names = ctx.classnames(ev, label)
+  true, pred = word_tags(got["logits"], got[label], names)
+  rep = report(true, pred)
+  log.info("%s on %s (%d texts):\n%s", name, split, len(true), rep["text"])
+  if ctx.workdir is not None and jax.process_index() == 0:
+    write(rep, ctx.workdir / "reports", name, names)
+  r = rep["report"]
+  out = {m: float(r["micro avg"][k]) for m, k in
+         (("precision", "precision"), ("recall", "recall"), ("f1", "f1-score"))}
+  out["word_acc"] = rep["word_acc"]
+  out.update({f"f1_{t}": float(r[t]["f1-score"]) if t in r else 0.0
+              for t in entity_types(names)})
+  return out

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from mmjax.evals.context import EvalContext
+
 
 def recall_at_k(sim: np.ndarray, positive: np.ndarray, ks=(1, 5, 10)) -> dict[str, float]:
   """sim [Q, C] query-candidate scores; positive [Q, C] bool. A query counts as
@@ -28,3 +30,7 @@ def retrieval(embedded: dict[str, np.ndarray]) -> dict[str, float]:
   out.update({f"t2i_{k}": v for k, v in recall_at_k(sim.T, positive.T).items()})
   out["num_pairs"] = float(len(sim))
   return out
+
+
+def evaluate(ctx: EvalContext, ev) -> dict[str, float]:
+  return retrieval(ctx.embedded(ev))

@@ -14,6 +14,8 @@ from typing import Sequence
 
 import numpy as np
 
+from mmjax.evals.context import EvalContext
+
 ENSEMBLES = ("mean", "max")
 
 
@@ -36,3 +38,13 @@ def class_scores(image_emb: np.ndarray, prompt_emb: np.ndarray, num_classes: int
 
 def zeroshot_accuracy(scores: np.ndarray, labels: np.ndarray) -> dict[str, float]:
   return {"acc": float((np.argmax(scores, axis=1) == labels).mean())}
+
+
+def evaluate(ctx: EvalContext, ev) -> dict[str, float]:
+  """Accuracy on `ev.label` of `ev.split`'s images against prompts of its class names."""
+  names = ctx.classnames(ev, ev.label)
+  ids, mask = ctx.tokenizer.encode(prompts(names, ev.templates), ctx.data_config(ev).max_len)
+  got = ctx.embedded(ev)
+  scores = class_scores(got["image_emb"], ctx.embedder.texts(ids, mask), len(names),
+                        ev.get("ensemble", "mean"))
+  return zeroshot_accuracy(scores, got[ev.label])

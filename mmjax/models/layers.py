@@ -36,7 +36,7 @@ def _matmul_fwd(x, w):
 def _matmul_bwd(res, dy):
   # Written out so that XLA:CPU emits one GEMM per gradient over the
   # flattened batch instead of transposing copies of the running gradient
-  # for the weight gradient (PERF_NOTES_CPU.md: 946 -> 723 ms/step).
+  # for the weight gradient (docs/cpu_performance.md: 946 -> 723 ms/step).
   x, w = res
   x2 = x.reshape(-1, x.shape[-1])
   dy2 = dy.reshape(-1, dy.shape[-1])

@@ -64,6 +64,10 @@ def in_slices(tower: nn.Module, n: int, *inputs: jax.Array, train: bool) -> dict
   return jax.tree.map(lambda *xs: jnp.concatenate(xs), *outs)
 
 
+# model.classifier.input -> the towers it reads ("text_tokens": one prediction per token).
+CLASSIFIER_INPUTS = {"image": ("image",), "text": ("text",), "text_tokens": ("text",),
+                     "fusion": ("image", "text", "fusion")}
+
 class MultimodalModel(nn.Module):
   image_tower: nn.Module | None
   text_tower: nn.Module | None
@@ -78,7 +82,7 @@ class MultimodalModel(nn.Module):
   logit_scale_init: float = 2.6593    # log(1 / 0.07), CLIP
   logit_bias_init: float = 0.0        # SigLIP uses -10 with scale log(10)
   num_classes: int = 0                # > 0: a "classifier" head reading `classify_input`
-  classify_input: str = "image"       # "image" | "text" | "text_tokens" | "fusion"
+  classify_input: str = "image"       # a key of CLASSIFIER_INPUTS
   tower_splits: int = 1               # > 1: towers run on slices of the batch (CPU speed)
   dtype: Any = jnp.float32
 
@@ -93,9 +97,9 @@ class MultimodalModel(nn.Module):
     if self.mlm:
       self.mlm_head = MlmHead(self.vocab_size, dtype=self.dtype)
     if self.num_classes:
-      if self.classify_input not in ("image", "text", "text_tokens", "fusion"):
-        raise ValueError(f"classifier input {self.classify_input!r}: expected 'image', "
-                         f"'text', 'text_tokens' or 'fusion'")
+      if self.classify_input not in CLASSIFIER_INPUTS:
+        raise ValueError(f"classifier input {self.classify_input!r}: expected one of "
+                         f"{sorted(CLASSIFIER_INPUTS)}")
       self.classifier = Dense(self.num_classes, dtype=self.dtype)
 
   def encode_image(self, images: jax.Array, *, train: bool = False):

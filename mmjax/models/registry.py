@@ -10,7 +10,7 @@ import ml_collections
 
 from mmjax.models.fusion import Fusion
 from mmjax.models.layers import Peft
-from mmjax.models.model import MultimodalModel
+from mmjax.models.model import CLASSIFIER_INPUTS, MultimodalModel
 from mmjax.models.text import TextEncoder
 from mmjax.models.vit import ViT
 
@@ -29,9 +29,6 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # defaults); the Hugging Face converter uses them to express CLIP, ViT, BERT, GPT-2.
 IMAGE_OPTIONS = ("ln_eps", "patch_bias", "posemb_cls", "final_norm", "pooler", "num_classes")
 TEXT_OPTIONS = ("ln_eps", "type_vocab", "embed_norm", "post_norm", "pooler", "head")
-# model.classifier.input -> the towers it reads ("text_tokens": one prediction per token).
-CLASSIFIER_INPUTS = {"image": ("image",), "text": ("text",), "text_tokens": ("text",),
-                     "fusion": ("image", "text", "fusion")}
 
 
 def _options(cfg, names) -> dict:

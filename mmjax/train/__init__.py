@@ -1,2 +1,2 @@
-from mmjax.train.loop import train
+from mmjax.train.loop import finetune, train
 from mmjax.train.state import TrainState

@@ -19,16 +19,43 @@ from typing import Any
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
-from flax import traverse_util
 
-from mmjax.parallel import path_name
-from mmjax.train.checkpoint import drop_params, fill_params
+from mmjax.io.trees import drop_params, fill_params, flat, path_name
 
 MODES = ("max", "min")
 
 
-def enabled(config: ml_collections.ConfigDict) -> bool:
-  return bool(config.get("early_stop") and config.early_stop.get("metric"))
+def early_stopping(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
+                   plan=None) -> "EarlyStopping | NoEarlyStopping":
+  """The run's stopper: `EarlyStopping` when config.early_stop.metric is set, else a
+  no-op with the same interface, so the loop reads the same either way."""
+  if config.get("early_stop") and config.early_stop.get("metric"):
+    return EarlyStopping(config, workdir, plan)
+  return NoEarlyStopping()
+
+
+class NoEarlyStopping:
+  """Never stops, keeps nothing, reports nothing."""
+  stopped = False
+  best_step = None
+
+  def state_dict(self) -> dict:
+    return {}
+
+  def load_state_dict(self, d: dict) -> None:
+    pass
+
+  def update(self, step: int, metrics: dict[str, float], params: Any) -> bool:
+    return False
+
+  def final_params(self, params: Any, step: int, at_end: bool) -> Any | None:
+    return None
+
+  def result(self) -> dict:
+    return {}
+
+  def close(self) -> None:
+    pass
 
 
 class EarlyStopping:
@@ -94,6 +121,16 @@ class EarlyStopping:
     self.stopped = self.bad >= self.patience
     return self.stopped
 
+  def final_params(self, params: Any, step: int, at_end: bool) -> Any | None:
+    """The best step's params to end the run with (`params` are those of `step`), or None
+    when the run goes on (not stopped, not `at_end`) or `step` is itself the best."""
+    if not (at_end or self.stopped) or self.best_step in (None, step):
+      return None
+    return self.best_params(params)
+
+  def result(self) -> dict:
+    return {"best_step": self.best_step, "early_stopped": self.stopped}
+
   def best_params(self, params: Any) -> Any:
     """The best step's params, in the structure and shardings of `params` (the
     current ones, which also supply the frozen leaves)."""
@@ -102,7 +139,7 @@ class EarlyStopping:
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, kept)
     restored = self.manager.restore(step, args=ocp.args.Composite(
         params=ocp.args.StandardRestore(abstract))).params
-    current = traverse_util.flatten_dict(params, sep="/")
+    current = flat(params)
     return fill_params(restored, {k: current[k] for k in self.frozen}, params)
 
   def close(self) -> None:

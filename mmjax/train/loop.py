@@ -5,12 +5,13 @@ the step itself is pure and jitted once.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
-import json
+import functools
 import logging
 import pathlib
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -19,21 +20,24 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from mmjax import data as mmdata
-from mmjax import objectives, parallel
-from mmjax.evals import EvalContext, run_evals
+from mmjax import io, objectives, parallel
+from mmjax.config_checks import validate
+from mmjax.evals import EvalContext, check_evals, run_evals
 from mmjax.evals.embed import Embedder
-from mmjax.train import early_stop, mixing
-from mmjax.train.early_stop import EarlyStopping
-from mmjax.tuning.distill import Teacher, load_teacher
-from mmjax.tuning.init import towers_from_init
-from mmjax.tuning.strategies import Plan, make_plan
+from mmjax.io.loading import special_ids
+from mmjax.io.trees import CheckpointMismatch, path_name, shapes_by_name, tree_mismatch
 from mmjax.models import build_model
-from mmjax.train.checkpoint import Checkpointer
+from mmjax.train import mixing
+from mmjax.train.early_stop import early_stopping
 from mmjax.train.metrics_writer import MetricWriter
 from mmjax.train.optimizer import make_optimizer
 from mmjax.train.plot import plot_run
 from mmjax.train.state import TrainState
 from mmjax.train.steps import make_train_step
+from mmjax.tuning.config import finetune_config, init_config
+from mmjax.tuning.distill import Teacher, distill_options, load_teacher
+from mmjax.tuning.init import load_init, towers_from_init
+from mmjax.tuning.strategies import Plan, make_plan
 
 log = logging.getLogger("mmjax")
 
@@ -44,17 +48,26 @@ class NonFiniteLoss(RuntimeError):
 
 @dataclasses.dataclass
 class Run:
-  """Everything built from a config before the first step."""
+  """Everything built from a config before the first step. The state is abstract
+  (shapes, dtypes, shardings) until `run.state` is first read, so a resumed run
+  never initialises params it is about to overwrite."""
   config: ml_collections.ConfigDict
   tokenizer: Any
   model: Any
   mesh: jax.sharding.Mesh
   tx: Any
   schedule: Any
-  state: TrainState            # freshly initialised, sharded
+  abstract: TrainState         # jax.ShapeDtypeStruct leaves with their shardings
   state_sharding: Any
+  init_state: Callable[[], TrainState]
   plan: Plan | None = None     # what trains (config.finetune); None: everything
   teacher: Teacher | None = None   # config.distill's frozen teacher
+  sources: mmdata.Sources = dataclasses.field(default_factory=mmdata.Sources)
+
+  @functools.cached_property
+  def state(self) -> TrainState:
+    """The freshly initialised state, sharded."""
+    return jax.jit(self.init_state, out_shardings=self.state_sharding)()
 
 
 def dummy_batch(config, batch_size: int = 2) -> dict[str, np.ndarray]:
@@ -64,25 +77,41 @@ def dummy_batch(config, batch_size: int = 2) -> dict[str, np.ndarray]:
           "text_mask": np.ones((batch_size, length), np.int32)}
 
 
-def setup(config: ml_collections.ConfigDict, devices=None) -> Run:
-  """Tokenizer, model, mesh (over `devices`, default all), optimizer, initial state.
-  `run.config` is `config` with what `init.towers` takes from the init checkpoint."""
-  config = towers_from_init(config)
-  parallel.maybe_initialize_distributed(config)
-  tokenizer = mmdata.get_tokenizer(config.data)
-  special = {"pad": tokenizer.pad_id, "cls": tokenizer.cls_id, "sep": tokenizer.sep_id,
-             "mask": tokenizer.mask_id}
-  model = build_model(config, tokenizer.vocab_size, special)
-  mesh = parallel.make_mesh(config.get("mesh", {}), devices)
-  rules = [tuple(r) for r in config.get("sharding_rules", ())]
-  rng = jax.random.PRNGKey(config.get("seed", 0))
-  init_rng, state_rng = jax.random.split(rng)
+def _init_params_fn(model, config, rng) -> Callable[[], Any]:
   batch = dummy_batch(config)
 
   def init_params():
-    rngs = dict(zip(("params", "dropout", "itm", "mlm"), jax.random.split(init_rng, 4)))
+    rngs = dict(zip(("params", "dropout", "itm", "mlm"), jax.random.split(rng, 4)))
     return model.init(rngs, batch, train=False)["params"]
 
+  return init_params
+
+
+def prepare(config: ml_collections.ConfigDict, training: bool = True
+            ) -> ml_collections.ConfigDict:
+  """Everything that can be checked before anything is built (the config's values and
+  keys, evaluator names, the batch over this runtime's processes and devices); returns
+  the config with what `init.towers` takes from the init checkpoint."""
+  parallel.maybe_initialize_distributed(config)
+  validate(config, process_count=jax.process_count(), device_count=jax.device_count(),
+           training=training)
+  check_evals(config.get("evals", {}))
+  return towers_from_init(config)
+
+
+def setup(config: ml_collections.ConfigDict, devices=None, *, teacher: bool = True,
+          sources: mmdata.Sources | None = None) -> Run:
+  """Tokenizer, model, mesh (over `devices`, default all), optimizer, abstract state and
+  (with `teacher`) the distillation teacher. `run.config` is `config` with what
+  `init.towers` takes from the init checkpoint."""
+  config = prepare(config)
+  sources = sources if sources is not None else mmdata.Sources()
+  tokenizer = mmdata.get_tokenizer(config.data, sources=sources)
+  model = build_model(config, tokenizer.vocab_size, special_ids(tokenizer))
+  mesh = parallel.make_mesh(config.get("mesh", {}), devices)
+  rules = [tuple(r) for r in config.get("sharding_rules", ())]
+  init_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.get("seed", 0)))
+  init_params = _init_params_fn(model, config, init_rng)
   abstract_params = jax.eval_shape(init_params)
   plan = make_plan(config.finetune, abstract_params) if config.get("finetune") else None
   tx, schedule = make_optimizer(config.optim, abstract_params, config.total_steps,
@@ -93,16 +122,19 @@ def setup(config: ml_collections.ConfigDict, devices=None) -> Run:
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       opt_state=tx.init(params), rng=state_rng)
 
-  abstract = jax.eval_shape(init_state)
-  state_sharding = parallel.shardings(parallel.param_specs(abstract, rules, mesh), mesh)
-  state = jax.jit(init_state, out_shardings=state_sharding)()
-  return Run(config, tokenizer, model, mesh, tx, schedule, state, state_sharding, plan,
-             load_teacher(config, mesh))
+  shapes = jax.eval_shape(init_state)
+  state_sharding = parallel.shardings(parallel.param_specs(shapes, rules, mesh), mesh)
+  abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                          shapes, state_sharding)
+  return Run(config, tokenizer, model, mesh, tx, schedule, abstract, state_sharding, init_state,
+             plan, load_teacher(config, mesh) if teacher else None, sources)
 
 
 def loss_function(config: ml_collections.ConfigDict):
   """The weighted objectives of `config`, with their `objective_options`."""
   options = {k: dict(v) for k, v in config.get("objective_options", {}).items()}
+  if "distill" in config.objectives:
+    options["distill"] = dict(options.get("distill", {}), **distill_options(config))
   return objectives.combined(dict(config.objectives), options)
 
 
@@ -111,7 +143,7 @@ def delta_base(plan: Plan | None, base: dict, config) -> dict | None:
   frozen for the whole run (None: save everything)."""
   if plan is None or config.finetune.get("save_frozen", False):
     return None
-  frozen = {parallel.path_name(p) for p, on in
+  frozen = {path_name(p) for p, on in
             jax.tree_util.tree_flatten_with_path(plan.trainable)[0] if not on}
   omit = sorted(frozen & set(base["params"]))
   return dict(base, params=omit) if omit else None
@@ -139,7 +171,9 @@ def _mean_metrics(pending: list[dict]) -> dict[str, float]:
   return {k: float(np.mean([m[k] for m in host])) for k in host[0]}
 
 
-def _check_finite(pending: list[dict], step: int, ckpt: Checkpointer) -> None:
+def _check_finite(pending: list[dict], step: int, ckpt: io.Checkpointer) -> None:
+  if not pending:
+    return
   finite = np.array([float(m["finite"]) for m in jax.device_get(pending)])
   if (finite < 1).any():
     bad = step - len(finite) + 1 + int(np.argmin(finite))
@@ -152,6 +186,10 @@ def _check_finite(pending: list[dict], step: int, ckpt: Checkpointer) -> None:
                         f"optim.clip_norm.")
 
 
+def checkpointer(config, workdir) -> io.Checkpointer:
+  return io.Checkpointer(workdir, keep=config.keep_checkpoints, base_loader=io.base_params)
+
+
 def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
           *, progress: bool = True) -> dict[str, float]:
   """Train `config` in `workdir`, resuming from its latest checkpoint if any.
@@ -162,137 +200,172 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
   workdir = pathlib.Path(workdir)
   run = setup(config)
   c = run.config
+  workdir.mkdir(parents=True, exist_ok=True)   # only once the config has passed its checks
   per_process = c.batch_size // jax.process_count()
-  if per_process * jax.process_count() != c.batch_size or c.batch_size % jax.device_count():
-    raise ValueError(f"batch_size={c.batch_size} must divide over {jax.process_count()} "
-                     f"processes and {jax.device_count()} devices")
+  train_source = run.sources.get(c.data, "train")
   iterator = mmdata.make_iterator(c.data, "train", batch_size=per_process, train=True,
-                                  tokenizer=run.tokenizer)
-  ckpt = Checkpointer(workdir, keep=c.get("keep_checkpoints", 3))
-  stopper = EarlyStopping(c, workdir, run.plan) if early_stop.enabled(c) else None
-  state, start = run.state, 0
+                                  tokenizer=run.tokenizer, source=train_source)
+  ckpt = checkpointer(c, workdir)
+  stopper = early_stopping(c, workdir, run.plan)
+  start = 0
   if ckpt.latest_step() is not None:
-    state, data_state, start = ckpt.restore(state)
+    state, data_state, start = ckpt.restore(run.abstract)
     if "iterator" in data_state:
       iterator.set_state(data_state["iterator"])
     ckpt.base = data_state.get("base")       # a delta run stays a delta run
-    if stopper and "early_stop" in data_state:
-      stopper.load_state_dict(data_state["early_stop"])
+    stopper.load_state_dict(data_state.get("early_stop", {}))
     log.info("resumed from %s at step %d", ckpt.directory, start)
-  elif c.get("init") and c.init.get("path"):
-    from mmjax.tuning.init import load_init  # pylint: disable=g-import-not-at-top
-    params, info = load_init(c, jax.device_get(state.params))
-    state = state.replace(params=jax.device_put(params, run.state_sharding.params))
-    ckpt.base = delta_base(run.plan, info["base"], c)
+  else:
+    state = run.state
+    if c.get("init") and c.init.get("path"):
+      params, info = load_init(c, jax.device_get(state.params))
+      state = state.replace(params=jax.device_put(params, run.state_sharding.params))
+      ckpt.base = delta_base(run.plan, info["base"], c)
   if run.plan is not None:
     n_train, n_all = run.plan.count(state.params)
     log.info("finetune %s: %d of %d params train (%.2f%%)", c.finetune.strategy, n_train,
              n_all, 100 * n_train / n_all)
   step_fn = make_step(run)
-  writer = MetricWriter(workdir)
+  writer = MetricWriter(workdir, resume_step=start)
   if jax.process_index() == 0:
     (workdir / "config.json").write_text(c.to_json_best_effort(indent=2))
-
-  eval_sources: dict = {}     # held-out sources are built once per run, not per eval
+    if run.tokenizer is not None:
+      run.tokenizer.save(workdir)      # readers of the workdir use the run's own tokenizer
 
   def evaluate_now(step, record=True):
     ctx = EvalContext(c, run.tokenizer, Embedder(run.model, state.params, run.mesh),
-                      workdir=workdir, sources=eval_sources)
+                      workdir=workdir, sources=run.sources)
     metrics = run_evals(ctx, c.get("evals", {}))
     if record:
       writer.write(step, metrics, kind="eval")
     return metrics
 
   def data_state():
-    d = {"iterator": iterator.get_state()}
-    if stopper:
-      d["early_stop"] = stopper.state_dict()
-    return d
+    return {"iterator": iterator.get_state(), "early_stop": stopper.state_dict()}
 
   stop = c.total_steps
   if c.get("stop_after", 0):
     stop = min(stop, start + c.stop_after)
-  if stopper and stopper.stopped:
+  if stopper.stopped:
     log.info("%s stopped early at step %d (best step %s); nothing left to train", workdir,
              start, stopper.best_step)
     stop = start
   bar = tqdm(total=c.total_steps, initial=start, disable=not progress or jax.process_index(),
              unit="step", dynamic_ncols=True)
-  pending, t_log, n_log = [], time.time(), 0
+  pending, t_log = [], time.time()
   eval_metrics: dict[str, float] = {}
-  train_seconds, train_steps = 0.0, 0
+  timing = {"seconds": 0.0, "steps": 0}
+
+  def flush(step):
+    """Write the mean metrics of the steps since the last write."""
+    nonlocal pending, t_log
+    if not pending:
+      return
+    _check_finite(pending, step, ckpt)
+    mean, n, dt = _mean_metrics(pending), len(pending), time.time() - t_log
+    mean.update(steps_per_s=n / dt, images_per_s=n * c.batch_size / dt)
+    if step > start + n:     # the first window includes compilation
+      timing["seconds"] += dt
+      timing["steps"] += n
+    writer.write(step, mean)
+    bar.set_postfix(loss=f"{mean['loss']:.3f}", steps_s=f"{mean['steps_per_s']:.1f}",
+                    img_s=f"{mean['images_per_s']:.0f}")
+    pending, t_log = [], time.time()
+
+  step = start
   for step in range(start + 1, stop + 1):
     batch = parallel.device_batch(next(iterator), run.mesh)
     state, metrics = step_fn(state, batch)
     pending.append(metrics)
-    n_log += 1
     bar.update(1)
-    if step % c.get("log_every", 50) == 0 or step == stop:
-      _check_finite(pending, step, ckpt)
-      mean = _mean_metrics(pending)
-      dt = time.time() - t_log
-      mean.update(steps_per_s=n_log / dt, images_per_s=n_log * c.batch_size / dt)
-      if step > start + n_log:     # the first window includes compilation
-        train_seconds += dt
-        train_steps += n_log
-      writer.write(step, mean)
-      bar.set_postfix(loss=f"{mean['loss']:.3f}", steps_s=f"{mean['steps_per_s']:.1f}",
-                      img_s=f"{mean['images_per_s']:.0f}")
-      pending, t_log, n_log = [], time.time(), 0
-    if c.get("checkpoint_every", 0) and step % c.checkpoint_every == 0 and step != stop:
+    if step % c.log_every == 0 or step == stop:
+      flush(step)
+    if c.checkpoint_every and step % c.checkpoint_every == 0 and step != stop:
       _check_finite(pending, step, ckpt)
       ckpt.save(step, state, data_state(), c.to_json_best_effort())
-    if c.get("eval_every", 0) and step % c.eval_every == 0 and step != stop:
+    if c.eval_every and step % c.eval_every == 0 and step != stop:
       eval_metrics = evaluate_now(step)
       t_log = time.time()
-      if stopper and stopper.update(step, eval_metrics, state.params):
+      if stopper.update(step, eval_metrics, state.params):
         log.info("early stop at step %d: %s has not improved by > %g for %d evaluations "
                  "(best %.4f at step %d)", step, stopper.metric, stopper.min_delta,
                  stopper.patience, stopper.best, stopper.best_step)
+        flush(step)
         stop = step
         break
   bar.close()
-  if stop == c.total_steps and not (stopper and stopper.stopped):
-    eval_metrics = evaluate_now(stop)
-    if stopper and stop > start:
+  at_end = stop == c.total_steps
+  if at_end and not stopper.stopped:
+    eval_metrics = evaluate_now(stop, record=stop > start)   # a rerun of a finished run: no row
+    if stop > start:
       stopper.update(stop, eval_metrics, state.params)
-  finished = stop == c.total_steps or (stopper is not None and stopper.stopped)
-  if stopper and finished and stop > start and stopper.best_step not in (None, stop):
-    state = state.replace(params=stopper.best_params(state.params))
-    eval_metrics = evaluate_now(stop, record=False)    # the restored best (reports too)
   if stop > start:
+    best = stopper.final_params(state.params, stop, at_end)
+    if best is not None:
+      state = state.replace(params=best)
+      eval_metrics = evaluate_now(stop, record=False)    # the restored best (reports too)
     ckpt.save(stop, state, data_state(), c.to_json_best_effort())
   ckpt.wait()
   ckpt.close()
   writer.close()
-  result = dict(eval_metrics, steps=stop, seconds=round(time.time() - t0, 1))
-  if stopper:
-    result.update(best_step=stopper.best_step, early_stopped=stopper.stopped)
-    stopper.close()
-  if train_steps:
-    result["train_images_per_s"] = round(train_steps * c.batch_size / train_seconds, 1)
+  result = dict(eval_metrics, steps=stop, seconds=round(time.time() - t0, 1), **stopper.result())
+  stopper.close()
+  if timing["steps"]:
+    result["train_images_per_s"] = round(timing["steps"] * c.batch_size / timing["seconds"], 1)
   if jax.process_index() == 0:
     plot_run(workdir)
   return result
 
 
+def finetune(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
+             init: str | None = None, progress: bool = True) -> dict[str, float]:
+  """`train` of `config`, starting from the checkpoint `init` (an mmjax workdir or a
+  HF directory; default `config.init.path`). Resuming `workdir` ignores `init`."""
+  config = copy.deepcopy(config)
+  with config.unlocked():
+    if "finetune" not in config:
+      config.finetune = finetune_config()
+    if "init" not in config:
+      config.init = init_config()
+    if init is not None:
+      config.init.path = str(init)
+  return train(config, workdir, progress=progress)
+
+
 def restore(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
             step: int | None = None) -> tuple[Run, TrainState, int]:
   """The run built from `config` and the train state of `workdir`'s checkpoint."""
-  run = setup(config)
-  ckpt = Checkpointer(workdir, keep=config.get("keep_checkpoints", 3))
-  if ckpt.latest_step() is None:
-    raise FileNotFoundError(f"no checkpoint in {ckpt.directory}: train first "
+  workdir = pathlib.Path(workdir)
+  if not (workdir / "checkpoints").is_dir():
+    raise FileNotFoundError(f"no checkpoint in {workdir / 'checkpoints'}: train first "
                             f"(mmjax train --workdir {workdir})")
-  state, _, step = ckpt.restore(run.state, step)
+  run = setup(config, teacher=False)
+  ckpt = checkpointer(run.config, workdir)
+  state, _, step = ckpt.restore(run.abstract, step)
   ckpt.close()
   return run, state, step
 
 
-def evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
+def evaluate(config: ml_collections.ConfigDict | None, workdir: str | pathlib.Path,
              step: int | None = None) -> dict[str, float]:
-  """Run `config.evals` on the latest (or given) checkpoint of `workdir`."""
-  run, state, step = restore(config, workdir, step)
-  ctx = EvalContext(run.config, run.tokenizer, Embedder(run.model, state.params, run.mesh),
+  """Run the evals of `config` (default: the workdir's own config) on the latest
+  readable (or given) checkpoint of `workdir`. Reads params only: no optimizer state,
+  no teacher, and nothing is written but the evaluators' reports."""
+  loaded = io.load(workdir, step, what="workdir")
+  config = prepare(loaded.config if config is None else config, training=False)
+  # The data pipeline tokenizes captions even for an image-only model.
+  tokenizer = loaded.tokenizer or mmdata.get_tokenizer(config.data)
+  model = build_model(config, tokenizer.vocab_size, special_ids(tokenizer))
+  mesh = parallel.make_mesh(config.get("mesh", {}))
+  init_rng = jax.random.split(jax.random.PRNGKey(config.get("seed", 0)))[0]
+  wanted = jax.eval_shape(_init_params_fn(model, config, init_rng))
+  problems = tree_mismatch(shapes_by_name(loaded.params), shapes_by_name(wanted))
+  if problems:
+    raise CheckpointMismatch(f"checkpoint {loaded.path} (step {loaded.step}) does not fit "
+                             f"this model's params:\n{problems}")
+  rules = [tuple(r) for r in config.get("sharding_rules", ())]
+  params = jax.device_put(loaded.params, parallel.shardings(
+      parallel.param_specs(wanted, rules, mesh), mesh))
+  ctx = EvalContext(config, tokenizer, Embedder(model, params, mesh),
                     workdir=pathlib.Path(workdir))
-  return dict(run_evals(ctx, run.config.get("evals", {})), step=step)
+  return dict(run_evals(ctx, config.get("evals", {})), step=loaded.step)

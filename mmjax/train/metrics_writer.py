@@ -1,27 +1,62 @@
 """Where metrics go: metrics.jsonl (one JSON object per line) and TensorBoard.
 
-Only process 0 writes, so a pod run leaves one copy.
+Only process 0 writes, so a pod run leaves one copy. `read_metrics` is the one
+reader of metrics.jsonl.
+
+A run can be killed at any point (kill -9, power loss, full disk) and resumed
+from a checkpoint older than its last rows. So the file may end in a torn line,
+and may hold rows past the step a resumed run restarts from: the reader skips
+torn lines, and `MetricWriter(workdir, resume_step=S)` drops the rows after S
+before the resumed run writes them again.
 """
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
 import pathlib
-from typing import Mapping
+import tempfile
+import time
+from typing import Iterator, Mapping
 
 import jax
 
+log = logging.getLogger("mmjax")
+
+FILENAME = "metrics.jsonl"
+
 
 class MetricWriter:
+  """Appends one row per `write` to <workdir>/metrics.jsonl and TensorBoard.
 
-  def __init__(self, workdir: str | pathlib.Path):
+  resume_step: the step of the checkpoint this run resumes from (0: a run that
+    starts from scratch). Rows with step > resume_step, written by a run killed
+    after that checkpoint, are dropped from metrics.jsonl, and TensorBoard hides
+    its events from resume_step + 1 on, so each step is logged once. Rows at
+    resume_step itself (the train window and the evaluation that ran before the
+    kill) stay: the resumed run starts at resume_step + 1. None: leave what is
+    there and append (rows may repeat steps).
+  """
+
+  def __init__(self, workdir: str | pathlib.Path, resume_step: int | None = None):
     self.enabled = jax.process_index() == 0
-    self.path = pathlib.Path(workdir) / "metrics.jsonl"
+    self.path = pathlib.Path(workdir) / FILENAME
     self._tb = None
     if self.enabled:
       from tensorboardX import SummaryWriter  # heavy import, only on the writer
       self.path.parent.mkdir(parents=True, exist_ok=True)
-      self._tb = SummaryWriter(str(pathlib.Path(workdir) / "tensorboard"))
+      if resume_step is None:
+        _end_torn_line(self.path)
+      else:
+        _truncate_after(self.path, resume_step)
+      # tensorboardX names event files by the second and opens them with "wb": a
+      # writer opened in the same second as the last one would overwrite its file.
+      # The suffix keeps them apart and sorted in the order written, which
+      # TensorBoard relies on to apply purge_step to the older files only.
+      self._tb = SummaryWriter(str(pathlib.Path(workdir) / "tensorboard"),
+                               purge_step=None if resume_step is None else resume_step + 1,
+                               filename_suffix=f".{time.time_ns()}")
 
   def write(self, step: int, metrics: Mapping[str, float], kind: str = "train") -> None:
     if not self.enabled:
@@ -40,7 +75,95 @@ class MetricWriter:
 
 
 def read_metrics(workdir: str | pathlib.Path) -> list[dict]:
-  path = pathlib.Path(workdir) / "metrics.jsonl"
+  """The rows of <workdir>/metrics.jsonl, in file order ([] if there is none).
+
+  Lines that are not a JSON object (a torn last write, a corrupt block) are
+  skipped with one warning that names the file and their line numbers.
+  """
+  path = pathlib.Path(workdir) / FILENAME
   if not path.exists():
     return []
-  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  rows, bad = [], []
+  for number, _, row in _lines(path.read_bytes()):
+    if row is None:
+      bad.append(number)
+    else:
+      rows.append(row)
+  if bad:
+    shown = ", ".join(map(str, bad[:10])) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
+    log.warning("%s: skipped %d unreadable line(s) (torn or corrupt write): line %s", path,
+                len(bad), shown)
+  return rows
+
+
+def _lines(data: bytes) -> Iterator[tuple[int, bytes, dict | None]]:
+  """(1-based line number, raw line without its newline, parsed row or None if it is
+  not a JSON object) for each non-blank line of the file's bytes `data`."""
+  for number, raw in enumerate(data.split(b"\n"), 1):
+    if not raw.strip():
+      continue
+    try:
+      row = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):   # torn write, NUL/garbage block
+      row = None
+    yield number, raw, row if isinstance(row, dict) else None
+
+
+def _end_torn_line(path: pathlib.Path) -> None:
+  """Make `path` end with a newline before appending to it.
+
+  A last line without its newline is either a whole row whose newline was lost
+  (kept, and ended) or a torn write (dropped: truncated off, so the next row is
+  not glued onto it and the file carries no junk line forever).
+  """
+  if not path.exists() or path.stat().st_size == 0:
+    return
+  with path.open("r+b") as f:
+    f.seek(-1, os.SEEK_END)
+    if f.read(1) == b"\n":
+      return
+    f.seek(0)
+    data = f.read()
+    start = data.rfind(b"\n") + 1
+    tail = data[start:]
+    try:
+      whole = isinstance(json.loads(tail.decode("utf-8")), dict)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+      whole = False
+    if whole:
+      f.write(b"\n")
+    else:
+      log.warning("%s: dropped a torn last line %d (%d bytes) before appending", path,
+                  data.count(b"\n") + 1, len(tail))
+      f.truncate(start)
+
+
+def _truncate_after(path: pathlib.Path, step: int) -> None:
+  """Rewrite `path` without the rows whose step is > `step` and without unreadable
+  lines. Atomic: the new file is written beside it and moved over it, so a crash
+  during the rewrite leaves the old file whole."""
+  if not path.exists():
+    return
+  data = path.read_bytes()
+  kept, dropped, bad = [], 0, 0
+  for _, raw, row in _lines(data):
+    if row is None:
+      bad += 1
+    elif isinstance(row.get("step"), (int, float)) and row["step"] > step:
+      dropped += 1
+    else:
+      kept.append(raw)
+  if not dropped and not bad and (not data or data.endswith(b"\n")):
+    return
+  log.info("%s: resuming at step %d: dropped %d row(s) after it and %d unreadable line(s)",
+           path, step, dropped, bad)
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+  try:
+    os.fchmod(fd, path.stat().st_mode & 0o777)   # mkstemp's is 0600; keep the file's own
+    with os.fdopen(fd, "wb") as f:
+      f.write(b"".join(raw + b"\n" for raw in kept))
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  finally:   # gone after the replace; left only by a failed write
+    pathlib.Path(tmp).unlink(missing_ok=True)

@@ -10,32 +10,51 @@ each on the scaled schedule; scale 0 is frozen like `optim.frozen`.
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import optax
 
+from mmjax.config import NO_DECAY, ConfigError
 from mmjax.parallel import path_name
 
-# Biases, norm scales, embeddings and temperatures are not decayed by default.
-NO_DECAY = r"(bias|scale|posemb|cls|token_embed|modality_embed|logit_scale|logit_bias)$"
+
+def _cosine(o, lr: float, steps: int) -> optax.Schedule:
+  return optax.cosine_decay_schedule(lr, steps, alpha=o.get("end_lr_factor", 0.0))
+
+
+def _linear(o, lr: float, steps: int) -> optax.Schedule:
+  return optax.linear_schedule(lr, lr * o.get("end_lr_factor", 0.0), steps)
+
+
+def _constant(o, lr: float, steps: int) -> optax.Schedule:
+  del o, steps
+  return optax.constant_schedule(lr)
+
+
+# optim.schedule -> (optim, peak lr, steps after warmup) -> the rate after warmup; a new
+# schedule is a function plus a line here.
+SCHEDULES: dict[str, Callable[[Any, float, int], optax.Schedule]] = {
+    "cosine": _cosine,
+    "linear": _linear,
+    "constant": _constant,
+}
 
 
 def make_schedule(o, total_steps: int) -> optax.Schedule:
+  """Learning rate by train step: linear warmup to `o.lr`, then `o.schedule`."""
   warmup = min(o.get("warmup_steps", 0), total_steps)
-  kind = o.get("schedule", "cosine")
-  rest = max(total_steps - warmup, 1)
-  if kind == "cosine":
-    decay = optax.cosine_decay_schedule(o.lr, rest, alpha=o.get("end_lr_factor", 0.0))
-  elif kind == "linear":
-    decay = optax.linear_schedule(o.lr, o.lr * o.get("end_lr_factor", 0.0), rest)
-  elif kind == "constant":
-    decay = optax.constant_schedule(o.lr)
-  else:
-    raise ValueError(f"optim.schedule={kind!r}: expected cosine, linear or constant")
+  decay = _lookup(SCHEDULES, o.get("schedule", "cosine"), "optim.schedule")(
+      o, o.lr, max(total_steps - warmup, 1))
   if not warmup:
     return decay
   return optax.join_schedules([optax.linear_schedule(0.0, o.lr, warmup), decay], [warmup])
+
+
+def _lookup(registry: dict[str, Any], name: str, key: str) -> Any:
+  if name not in registry:
+    raise ConfigError(f"{key}={name!r}: expected one of {sorted(registry)}")
+  return registry[name]
 
 
 def label_params(params: Any, pattern: str, hit: Any, miss: Any) -> Any:
@@ -45,19 +64,32 @@ def label_params(params: Any, pattern: str, hit: Any, miss: Any) -> Any:
       lambda p, _: hit if rx is not None and rx.search(path_name(p)) else miss, params)
 
 
+def _adamw(o, schedule, decay_mask) -> optax.GradientTransformation:
+  return optax.adamw(schedule, b1=o.get("b1", 0.9), b2=o.get("b2", 0.999), eps=o.get("eps", 1e-8),
+                     weight_decay=o.get("weight_decay", 0.0), mask=decay_mask)
+
+
+def _lion(o, schedule, decay_mask) -> optax.GradientTransformation:
+  return optax.lion(schedule, b1=o.get("b1", 0.9), b2=o.get("b2", 0.99),
+                    weight_decay=o.get("weight_decay", 0.0), mask=decay_mask)
+
+
+def _sgd(o, schedule, decay_mask) -> optax.GradientTransformation:
+  return optax.chain(optax.add_decayed_weights(o.get("weight_decay", 0.0), decay_mask),
+                     optax.sgd(schedule, momentum=o.get("momentum", 0.9) or None))
+
+
+# optim.name -> (optim, schedule, decay mask) -> the update rule; a new optimizer is a
+# builder plus a line here.
+OPTIMIZERS: dict[str, Callable[[Any, optax.Schedule, Any], optax.GradientTransformation]] = {
+    "adamw": _adamw,
+    "lion": _lion,
+    "sgd": _sgd,
+}
+
+
 def _base_optimizer(o, schedule, decay_mask) -> optax.GradientTransformation:
-  wd = o.get("weight_decay", 0.0)
-  name = o.get("name", "adamw")
-  if name == "adamw":
-    return optax.adamw(schedule, b1=o.get("b1", 0.9), b2=o.get("b2", 0.999),
-                       eps=o.get("eps", 1e-8), weight_decay=wd, mask=decay_mask)
-  if name == "lion":
-    return optax.lion(schedule, b1=o.get("b1", 0.9), b2=o.get("b2", 0.99), weight_decay=wd,
-                      mask=decay_mask)
-  if name == "sgd":
-    return optax.chain(optax.add_decayed_weights(wd, decay_mask),
-                       optax.sgd(schedule, momentum=o.get("momentum", 0.9) or None))
-  raise ValueError(f"optim.name={name!r}: expected adamw, sgd or lion")
+  return _lookup(OPTIMIZERS, o.get("name", "adamw"), "optim.name")(o, schedule, decay_mask)
 
 
 def _group(scale: float) -> str:
@@ -66,10 +98,15 @@ def _group(scale: float) -> str:
 
 def make_optimizer(o, params: Any, total_steps: int, lr_scale: Any = None
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """The chain for `config.optim`; `lr_scale` (a float per param, like `params`)
-  scales each param's learning rate, 0 freezing it."""
+  """The chain for `config.optim` and its learning rate by train step; `lr_scale` (a
+  float per param, like `params`) scales each param's learning rate, 0 freezing it."""
   schedule = make_schedule(o, total_steps)
-  no_decay = o.get("no_decay", NO_DECAY)
+  accum = o.get("accum_steps", 1)
+  # Under accumulation the optimizer counts updates, one per `accum` train steps; each
+  # reads the rate of the first train step it sums, so warmup and decay span total_steps
+  # (and the logged lr is the one applied).
+  per_update = schedule if accum == 1 else (lambda n: schedule(n * accum))
+  no_decay = o.get("no_decay", NO_DECAY)     # configs saved before it was in base_config
   # A callable mask: inside multi_transform it sees only its own group's params.
   decay_mask = lambda p: label_params(p, no_decay, False, True)
   if lr_scale is None:
@@ -79,15 +116,15 @@ def make_optimizer(o, params: Any, total_steps: int, lr_scale: Any = None
   names = set(jax.tree.leaves(labels))
   parts = [optax.clip_by_global_norm(o.clip_norm)] if o.get("clip_norm", 0.0) else []
   if names == {"train"}:
-    opt = _base_optimizer(o, schedule, decay_mask)
+    opt = _base_optimizer(o, per_update, decay_mask)
   else:
     scale_of = {_group(float(s)): float(s) for s in jax.tree.leaves(lr_scale)}
     groups = {"frozen": optax.set_to_zero()} if "frozen" in names else {}
     for n in sorted(names - {"frozen"}):
-      scaled = schedule if n == "train" else (lambda c, k=scale_of[n]: k * schedule(c))
+      scaled = per_update if n == "train" else (lambda c, k=scale_of[n]: k * per_update(c))
       groups[n] = _base_optimizer(o, scaled, decay_mask)
     opt = optax.multi_transform(groups, labels)
   tx = optax.chain(*parts, opt)
-  if o.get("accum_steps", 1) > 1:
-    tx = optax.MultiSteps(tx, every_k_schedule=o.accum_steps)
+  if accum > 1:
+    tx = optax.MultiSteps(tx, every_k_schedule=accum)
   return tx, schedule

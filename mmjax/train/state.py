@@ -5,6 +5,9 @@ from typing import Any
 
 import flax.struct
 import jax
+import jax.numpy as jnp
+
+from mmjax.train.optimizer import make_optimizer
 
 
 @flax.struct.dataclass
@@ -13,3 +16,12 @@ class TrainState:
   params: Any
   opt_state: Any
   rng: jax.Array         # raw uint32 key; per-step keys are fold_in(rng, step)
+
+
+def initial_state(config, params, seed: int | None = None) -> TrainState:
+  """Step 0 of a run of `config` from `params`: a fresh optimizer state, the run's RNG
+  (what `mmjax convert` writes as a converted checkpoint)."""
+  tx, _ = make_optimizer(config.optim, params, config.total_steps)
+  _, state_rng = jax.random.split(jax.random.PRNGKey(config.seed if seed is None else seed))
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                    rng=state_rng)

@@ -2,7 +2,9 @@
 
   c.distill = dict(teacher="runs/teacher", step=-1, temperature=2.0)
   c.objectives = dict(classify=0.5, distill=0.5)       # hard labels + the teacher
-  c.objective_options.distill = dict(temperature=2.0)   # must equal c.distill.temperature
+
+The temperature is stated once, in config.distill; the loop hands it to the
+`distill` objective (`distill_options`).
 
 The teacher is an mmjax workdir (its own config.json builds its model, which may be
 larger than the student's) or a Hugging Face directory (a ViTForImageClassification).
@@ -26,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from mmjax import io
 from mmjax.data import get_tokenizer
 from mmjax.models import build_model
 from mmjax.objectives import DISTILL_TEMPERATURE
@@ -43,18 +46,13 @@ class Teacher:
 
 def _read(path: pathlib.Path, step: int, student_data):
   """(teacher config, model, params) of an mmjax workdir or a Hugging Face directory."""
-  if (path / "checkpoints").is_dir():
-    from mmjax.convert.workdir import read_workdir  # pylint: disable=g-import-not-at-top
-    config, params, step = read_workdir(path, None if step < 0 else step)
-    log.info("distill: teacher %s step %d", path, step)
-    return config, build_model(config, _text_vocab(config, student_data, path)), params
-  if (path / "model.safetensors").is_file():
-    from mmjax.convert.pretrained import from_pretrained  # pylint: disable=g-import-not-at-top
-    pretrained = from_pretrained(path)
-    log.info("distill: teacher %s (%s)", path, pretrained.architecture)
-    return pretrained.config, pretrained.model, pretrained.params
-  raise FileNotFoundError(f"distill.teacher={str(path)!r} is neither an mmjax workdir (no "
-                          f"checkpoints/) nor a Hugging Face directory (no model.safetensors)")
+  loaded = io.load(path, None if step < 0 else step, what="distill.teacher")
+  log.info("distill: teacher %s (%s%s)", path, loaded.kind,
+           "" if loaded.step is None else f" step {loaded.step}")
+  if loaded.kind == "hf":
+    return loaded.config, loaded.model(), loaded.params
+  config = loaded.config
+  return config, build_model(config, _text_vocab(config, student_data, path)), loaded.params
 
 
 def _text_vocab(config, student_data, path) -> int | None:
@@ -112,8 +110,17 @@ def _image_adapter(teacher_data, student_data) -> Callable:
   return adapt
 
 
+def distill_options(config) -> dict:
+  """The `distill` objective's options: the temperature of config.distill, its one home."""
+  if "temperature" in (config.get("objective_options", {}).get("distill") or {}):
+    raise ValueError("objective_options.distill.temperature is not read: set "
+                     "config.distill.temperature (the teacher's and the loss's temperature)")
+  return {"temperature": float((config.get("distill") or {}).get("temperature",
+                                                                 DISTILL_TEMPERATURE))}
+
+
 def _check_options(config, num_classes: int, path) -> None:
-  """The student must classify into the teacher's classes, with the teacher's temperature."""
+  """The student must classify into the teacher's classes."""
   student_classes = (config.model.get("classifier") or {}).get("num_classes", 0)
   if student_classes != num_classes:
     raise ValueError(f"distill teacher {path} has {num_classes} classes but the student's "
@@ -121,12 +128,6 @@ def _check_options(config, num_classes: int, path) -> None:
   if "distill" not in config.get("objectives", {}):
     raise ValueError(f"config.distill is set but config.objectives {sorted(config.objectives)} "
                      f"has no 'distill': the teacher would run for nothing")
-  options = config.get("objective_options", {}).get("distill") or {}
-  used = options.get("temperature", DISTILL_TEMPERATURE)
-  wanted = config.distill.get("temperature", DISTILL_TEMPERATURE)
-  if used != wanted:
-    raise ValueError(f"config.distill.temperature={wanted} but the distill objective uses "
-                     f"{used} (objective_options.distill.temperature): set both to one value")
 
 
 def load_teacher(config, mesh) -> Teacher | None:

@@ -8,7 +8,6 @@ any shape difference, fails with the full list of keys.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import pathlib
 import re
@@ -17,52 +16,12 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-from flax import traverse_util
 
-from mmjax.parallel import path_name
-from mmjax.train.checkpoint import CheckpointMismatch, shapes_by_name, tree_mismatch
+from mmjax import io
+from mmjax.io.loading import tokenizer_path
+from mmjax.io.trees import CheckpointMismatch, flat, path_name, shapes_by_name, tree_mismatch
 
 log = logging.getLogger("mmjax")
-
-
-def checkpoint_params(path, config, *, step: int = -1, new: str = "",
-                      ignore: str = "") -> tuple[dict[str, np.ndarray], int | None]:
-  """({"a/b/kernel": array}, step) of an mmjax workdir (`step` -1 = latest) or an HF
-  directory (step None), as params of the model `config` describes; params matching
-  `new` are left out, and so are checkpoint params matching `ignore`."""
-  path = pathlib.Path(path).expanduser()
-  if (path / "checkpoints").is_dir():
-    from mmjax.convert.workdir import read_workdir  # pylint: disable=g-import-not-at-top
-    _, params, step = read_workdir(path, None if step < 0 else step)
-    flat = traverse_util.flatten_dict(params, sep="/")
-    skip = re.compile(ignore) if ignore else None
-    return {k: np.asarray(v) for k, v in flat.items() if not (skip and skip.search(k))}, step
-  if (path / "model.safetensors").is_file():
-    from mmjax.convert.pretrained import load_params  # pylint: disable=g-import-not-at-top
-    # The HF importer checks keys and shapes itself; params matching `new` come back
-    # freshly initialised, and are dropped here so that this run's init is used.
-    params = load_params(path, config, allow_missing=new, ignore=ignore)
-    fresh = re.compile(new) if new else None
-    flat = traverse_util.flatten_dict(params, sep="/")
-    return {k: np.asarray(v) for k, v in flat.items() if not (fresh and fresh.search(k))}, None
-  raise FileNotFoundError(f"init.path={str(path)!r} is neither an mmjax workdir (no "
-                          f"checkpoints/) nor a Hugging Face directory (no model.safetensors)")
-
-
-def base_params(base: dict, config) -> dict[str, np.ndarray]:
-  """The params a delta checkpoint left out (`base["params"]`), read back from the
-  checkpoint it points to (`base["path"]` at `base["step"]`)."""
-  step = base.get("step")
-  saved, _ = checkpoint_params(base["path"], config, step=-1 if step is None else step,
-                               new=config.init.get("new", ""),
-                               ignore=config.init.get("ignore", ""))
-  missing = sorted(set(base["params"]) - set(saved))
-  if missing:
-    raise CheckpointMismatch(f"base checkpoint {base['path']} (step {step}) no longer has "
-                             f"{len(missing)} params this fine-tune's checkpoint relies on, "
-                             f"e.g. {missing[:5]}")
-  return {k: saved[k] for k in base["params"]}
-
 
 # What `init.towers` copies from the init checkpoint's config.
 _MODEL_KEYS = ("image", "text", "fusion", "embed_dim")
@@ -77,17 +36,9 @@ def towers_from_init(config: ml_collections.ConfigDict) -> ml_collections.Config
   init = config.get("init")
   if not (init and init.get("path") and init.get("towers")):
     return config
-  path = pathlib.Path(init.path).expanduser()
-  if (path / "config.json").is_file() and (path / "checkpoints").is_dir():
-    source = ml_collections.ConfigDict(json.loads((path / "config.json").read_text()))
-  elif (path / "model.safetensors").is_file():
-    from mmjax.convert.pretrained import pretrained_config  # pylint: disable=g-import-not-at-top
-    source, _ = pretrained_config(path)
-    if (path / "tokenizer.json").is_file():
-      source.data.tokenizer = str(path / "tokenizer.json")
-  else:
-    raise FileNotFoundError(f"init.path={str(path)!r} is neither an mmjax workdir nor a "
-                            f"Hugging Face directory (init.towers reads its config)")
+  loaded = io.load(init.path, params=False, what="init.path")
+  source = loaded.config
+  source.data.tokenizer = tokenizer_path(loaded.path, source)
   out = copy.deepcopy(config)
   with out.unlocked():
     for key in _MODEL_KEYS:
@@ -101,7 +52,7 @@ def towers_from_init(config: ml_collections.ConfigDict) -> ml_collections.Config
       if key in source.data and source.data[key] not in ("", None):
         out.data[key] = source.data[key]
   log.info("init.towers: model towers %s from %s",
-           [k for k in _MODEL_KEYS[:3] if out.model.get(k)], path)
+           [k for k in _MODEL_KEYS[:3] if out.model.get(k)], loaded.path)
   return out
 
 
@@ -110,9 +61,11 @@ def load_init(config, params: Any) -> tuple[Any, dict[str, Any]]:
   holds; returns (params, info): info has "loaded" / "new" counts of leaves, and
   "base" = {"path", "step", "params": names loaded}, what a delta checkpoint points to."""
   init = config.init
-  saved, step = checkpoint_params(init.path, config, step=init.get("step", -1), new=init.new,
-                                  ignore=init.get("ignore", ""))
-  log.info("init: %s%s", init.path, "" if step is None else f" step {step}")
+  step = init.get("step", -1)
+  loaded = io.load(init.path, None if step < 0 else step, config=config, new=init.new,
+                   ignore=init.get("ignore", ""), what="init.path")
+  saved = {k: np.asarray(v) for k, v in flat(loaded.params).items()}
+  log.info("init: %s%s", loaded.path, "" if loaded.step is None else f" step {loaded.step}")
   wanted = shapes_by_name(params)
   new = re.compile(init.new) if init.new else None
   required = {k: s for k, s in wanted.items() if k in saved or not (new and new.search(k))}
@@ -128,10 +81,9 @@ def load_init(config, params: Any) -> tuple[Any, dict[str, Any]]:
     return np.asarray(saved[name], fresh.dtype) if name in saved else fresh
 
   merged = jax.tree_util.tree_map_with_path(pick, params)
-  loaded = sorted(k for k in wanted if k in saved)
-  info = {"loaded": len(loaded), "new": len(wanted) - len(loaded),
-          "base": {"path": str(pathlib.Path(init.path).expanduser().absolute()), "step": step,
-                   "params": loaded}}
+  loaded_names = sorted(k for k in wanted if k in saved)
+  info = {"loaded": len(loaded_names), "new": len(wanted) - len(loaded_names),
+          "base": {"path": str(loaded.path), "step": loaded.step, "params": loaded_names}}
   log.info("init: %d params loaded, %d new (%s)", info["loaded"], info["new"],
            ", ".join(sorted(k for k in wanted if k not in saved))[:300])
   return merged, info

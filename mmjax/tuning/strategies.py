@@ -22,7 +22,7 @@ from typing import Any, Callable
 import jax
 import ml_collections
 
-from mmjax.parallel import path_name
+from mmjax.io.trees import path_name
 
 TOWERS = {"image_tower": "image", "text_tower": "text", "fusion": "fusion"}
 _BLOCK = re.compile(r"/encoder/block_(\d+)/")

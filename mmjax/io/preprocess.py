@@ -9,11 +9,12 @@ channels-last float32 [H, W, 3], the layout mmjax's ViT takes.
 from __future__ import annotations
 
 import dataclasses
-import json
 import pathlib
 
 import numpy as np
 from PIL import Image
+
+from mmjax.io.jsonfile import read_json
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -70,7 +71,9 @@ class ImagePreprocess:
   @classmethod
   def load(cls, directory) -> "ImagePreprocess | None":
     path = pathlib.Path(directory) / "preprocessor_config.json"
-    return cls.from_hf(json.loads(path.read_text())) if path.is_file() else None
+    if not path.is_file():
+      return None
+    return cls.from_hf(read_json(path, "a Hugging Face image processor config"))
 
   def to_hf(self) -> dict:
     """A preprocessor_config.json dict that transformers reads back as the same transform."""

@@ -19,10 +19,12 @@ import ml_collections
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from mmjax.convert import hf_config, hf_params
-from mmjax.convert.preprocess import ImagePreprocess
-from mmjax.convert.tokenizer import hf_tokenizer
+from mmjax.io import hf_config, hf_params
+from mmjax.io.hf_tokenizer import hf_tokenizer
+from mmjax.io.jsonfile import read_json
+from mmjax.io.preprocess import ImagePreprocess
 from mmjax.models import build_model
+from mmjax.models.lora import merge_lora
 
 log = logging.getLogger("mmjax")
 
@@ -69,7 +71,7 @@ def _sentence_pooling(directory: pathlib.Path) -> str | None:
   path = directory / "1_Pooling" / "config.json"
   if not (directory / "modules.json").is_file() or not path.is_file():
     return None
-  pooling = json.loads(path.read_text())
+  pooling = read_json(path, "sentence-transformers' pooling config")
   for key, mode in (("pooling_mode_mean_tokens", "mean"), ("pooling_mode_cls_token", "cls")):
     if pooling.get(key):
       return mode
@@ -79,15 +81,18 @@ def _sentence_pooling(directory: pathlib.Path) -> str | None:
 def _max_len(directory: pathlib.Path) -> int:
   """The text length the checkpoint was used with (sentence-transformers' max_seq_length)."""
   path = directory / "sentence_bert_config.json"
-  return int(json.loads(path.read_text()).get("max_seq_length", 0)) if path.is_file() else 0
+  if not path.is_file():
+    return 0
+  return int(read_json(path, "sentence-transformers' config").get("max_seq_length", 0))
+
+
+def is_hf_dir(path: pathlib.Path) -> bool:
+  return (path / "model.safetensors").is_file()
 
 
 def read_config(directory) -> dict:
-  path = pathlib.Path(directory) / "config.json"
-  if not path.is_file():
-    raise FileNotFoundError(f"{directory}: no config.json (expected a Hugging Face model "
-                            f"directory)")
-  return json.loads(path.read_text())
+  return read_json(pathlib.Path(directory) / "config.json",
+                   "a Hugging Face model config (config.json beside model.safetensors)")
 
 
 def _tensors(directory: pathlib.Path) -> dict[str, np.ndarray]:
@@ -187,7 +192,6 @@ def merge_peft(config, params):
                      "a full or LoRA fine-tune instead")
   if not ft.get("lora_rank", 0):
     return config, params
-  from mmjax.tuning.lora import merge_lora  # pylint: disable=g-import-not-at-top
   merged = merge_lora(params, ft.lora_alpha)
   config = ml_collections.ConfigDict(config.to_dict())
   config.finetune.lora_rank = 0

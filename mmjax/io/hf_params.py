@@ -22,7 +22,7 @@ import numpy as np
 from flax import traverse_util
 
 from mmjax.models.vit import resample_posemb
-from mmjax.train.checkpoint import CheckpointMismatch
+from mmjax.io.trees import CheckpointMismatch
 
 # Buffers some checkpoints carry that are not parameters.
 IGNORED = re.compile(r"(position_ids|token_type_ids|\.attn\.bias|\.attn\.masked_bias)$")

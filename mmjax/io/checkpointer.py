@@ -1,0 +1,213 @@
+"""Orbax checkpoints: train state + data-iterator position + config, together.
+
+Saves are asynchronous and atomic (Orbax writes to a temporary folder and
+renames), so a crash or a NaN stop never leaves a half-written latest step, and
+the temporary folders of an interrupted save are removed when the next run
+opens the workdir. Restoring takes the target's shardings, so a run may resume
+on another mesh.
+
+A step that cannot be read (a truncated or corrupt file) is reported in one line
+naming the step and the reason; `restore` then falls back to the newest step that
+reads, and moves the bad one aside to <workdir>/checkpoints_unreadable/ rather
+than deleting it (a resumed run would otherwise try to write that step again).
+
+A fine-tune that freezes params it loaded from a pretrained checkpoint (LoRA,
+adapters, linear probe, partial) writes *delta* checkpoints: the frozen params
+are left out and the data item records {"base": {"path", "step", "params"}},
+the checkpoint they come from. Restoring reads them back through `base_loader`
+(`mmjax.io.loading.base_params`), so a delta checkpoint loads into the full model
+like any other.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import pathlib
+import shutil
+import time
+from typing import Any, Callable
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from mmjax.io.trees import CheckpointMismatch, drop_params, fill_params, shapes_by_name, \
+    tree_mismatch
+
+log = logging.getLogger("mmjax")
+
+# (base pointer, the checkpoint's run config) -> {"a/b/kernel": array} of the frozen params.
+BaseLoader = Callable[[dict, ml_collections.ConfigDict], dict[str, np.ndarray]]
+UNREADABLE_DIR = "checkpoints_unreadable"
+
+
+class UnreadableCheckpoint(ValueError):
+  """A checkpoint step whose files cannot be read (truncated, corrupt, missing)."""
+
+
+def _reason(e: BaseException) -> str:
+  """The first line of an Orbax / TensorStore error, which can run to 140 lines."""
+  text = str(e).strip().splitlines()
+  first = text[0].split(" See full TensorStore details")[0][:300] if text else ""
+  return f"{type(e).__name__}: {first}"
+
+
+def _same_leaves(saved: Any, wanted: Any) -> bool:
+  """Whether two trees hold the same array shapes (names may differ: Orbax stores optax's
+  namedtuples as dicts and tuples as lists, so only the shapes are compared)."""
+  return sorted(shapes_by_name(saved).values()) == sorted(shapes_by_name(wanted).values())
+
+
+class Checkpointer:
+
+  def __init__(self, workdir: str | pathlib.Path, keep: int, *, async_save: bool = True,
+               base_loader: BaseLoader | None = None, read_only: bool = False):
+    self.workdir = pathlib.Path(workdir).absolute()
+    self.directory = self.workdir / "checkpoints"
+    self.read_only = read_only
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=not read_only, enable_async_checkpointing=async_save,
+        cleanup_tmp_directories=not read_only)
+    handlers = dict(state=ocp.StandardCheckpointHandler(), data=ocp.JsonCheckpointHandler(),
+                    config=ocp.JsonCheckpointHandler())
+    self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                         item_handlers=handlers)
+    self.base_loader = base_loader
+    # {"path", "step", "params": names}: frozen params left out of every save (delta).
+    self.base: dict | None = None
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state: Any, data_state: dict | None, config_json: str) -> None:
+    data_state = dict(data_state or {})
+    if self.base:
+      state = state.replace(params=drop_params(state.params, self.base["params"]))
+      data_state["base"] = self.base
+    self.manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data=ocp.args.JsonSave(data_state),
+        config=ocp.args.JsonSave(json.loads(config_json))))
+
+  # --- reading ------------------------------------------------------------------------
+
+  def _steps(self, step: int | None) -> list[int]:
+    steps = [step] if step is not None else sorted(self.manager.all_steps(), reverse=True)
+    if not steps:
+      raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    if step is not None and step not in self.manager.all_steps():
+      raise FileNotFoundError(f"no checkpoint step {step} in {self.directory} (steps: "
+                              f"{sorted(self.manager.all_steps())})")
+    return steps
+
+  def _first_readable(self, step: int | None, read: Callable[[int], Any]) -> Any:
+    """read(s) for the newest step s that reads (only `step` when given). A training
+    restore moves unreadable steps aside; a read-only one leaves the workdir as it is."""
+    steps = self._steps(step)
+    for s in steps:
+      try:
+        return read(s)
+      except UnreadableCheckpoint as e:
+        if step is not None:
+          raise
+        if self.read_only:
+          log.warning("%s; using the previous checkpoint", e)
+        else:
+          log.warning("%s; moved it to %s and resuming from the previous checkpoint", e,
+                      self._set_aside(s))
+    raise UnreadableCheckpoint(f"no readable checkpoint in {self.directory}: steps {steps} "
+                               f"all failed to read (see the warnings above)")
+
+  def _set_aside(self, step: int) -> pathlib.Path:
+    self.manager.wait_until_finished()
+    target = self.workdir / UNREADABLE_DIR / str(step)
+    if target.exists():
+      target = target.with_name(f"{step}.{int(time.time())}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(self.directory / str(step)), str(target))
+    self.manager.reload()
+    return target
+
+  def _read_item(self, step: int, name: str) -> Any:
+    try:
+      got = self.manager.restore(step, args=ocp.args.Composite(
+          **{name: ocp.args.JsonRestore()}))
+    except Exception as e:  # Orbax raises bare Exceptions for unreadable files.
+      raise UnreadableCheckpoint(f"checkpoint {self.directory}/{step} is unreadable "
+                                 f"({name}): {_reason(e)}") from e
+    return got[name]
+
+  def _state_metadata(self, step: int) -> Any:
+    try:
+      return self.manager.item_metadata(step)["state"]
+    except Exception as e:  # a corrupt or missing _METADATA file: any error type
+      raise UnreadableCheckpoint(f"checkpoint {self.directory}/{step} is unreadable "
+                                 f"(metadata): {_reason(e)}") from e
+
+  def _read_state(self, step: int, abstract: Any | None) -> Any:
+    args = ocp.args.StandardRestore(abstract) if abstract is not None else \
+        ocp.args.StandardRestore()
+    try:
+      return self.manager.restore(step, args=ocp.args.Composite(state=args)).state
+    except Exception as e:  # TensorStore / Orbax read errors come as many types
+      raise UnreadableCheckpoint(f"checkpoint {self.directory}/{step} is unreadable "
+                                 f"(state): {_reason(e)}") from e
+
+  def _base_params(self, step: int, base: dict) -> dict[str, np.ndarray]:
+    if self.base_loader is None:
+      raise ValueError(f"checkpoint {self.directory}/{step} is a delta of {base['path']}; "
+                       f"this Checkpointer has no base_loader to read the frozen params")
+    return self.base_loader(base, self.config_of(step))
+
+  def restore(self, target: Any, step: int | None = None) -> tuple[Any, dict, int]:
+    """(state, data state, step): the newest readable step (or `step`) restored onto
+    `target`'s structure and shardings (arrays or ShapeDtypeStructs)."""
+    return self._first_readable(step, lambda s: self._restore(target, s))
+
+  def _restore(self, target: Any, step: int) -> tuple[Any, dict, int]:
+    data = self.data_of(step)
+    base = data.get("base")
+    full = target
+    if base:
+      target = target.replace(params=drop_params(target.params, base["params"]))
+    saved = self._state_metadata(step)
+    problems = tree_mismatch(shapes_by_name(saved["params"]), shapes_by_name(target.params))
+    if problems:
+      raise CheckpointMismatch(f"checkpoint {self.directory}/{step} does not fit this "
+                               f"model's params:\n{problems}")
+    if not _same_leaves(saved["opt_state"], target.opt_state):
+      raise CheckpointMismatch(
+          f"checkpoint {self.directory}/{step} has params that fit, but its optimizer state "
+          f"({len(shapes_by_name(saved['opt_state']))} arrays) does not fit this run's "
+          f"optimizer ({len(shapes_by_name(target.opt_state))} arrays): did optim.* or "
+          f"finetune.* change since it was written?")
+    state = self._read_state(step, jax.tree.map(ocp.utils.to_shape_dtype_struct, target))
+    if base:
+      state = state.replace(params=fill_params(state.params, self._base_params(step, base),
+                                               full.params))
+    return state, data, step
+
+  def read_params(self, step: int | None = None) -> tuple[dict, int]:
+    """(params as saved, step) without a target: no model, optimizer or tokenizer is
+    built. Delta checkpoints come back whole, read through `base_loader`."""
+    def read(s):
+      data = self.data_of(s)
+      params = self._read_state(s, None)["params"]
+      if data.get("base"):
+        params = fill_params(params, self._base_params(s, data["base"]))
+      return params, s
+    return self._first_readable(step, read)
+
+  def data_of(self, step: int) -> dict:
+    """The data item of `step`: iterator position, early-stop counters, delta base."""
+    return dict(self._read_item(step, "data") or {})
+
+  def config_of(self, step: int) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(self._read_item(step, "config"))
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.close()

@@ -1,0 +1,167 @@
+"""`load(path)`: one way in for every reader of trained weights.
+
+  loaded = mmjax.io.load("runs/a")            # an mmjax workdir (latest step)
+  loaded = mmjax.io.load("hf/clip-vit-b32")   # a local Hugging Face directory
+  model = loaded.model()
+  emb, _ = model.apply({"params": loaded.params}, loaded.preprocess.batch(images),
+                       method="encode_image")
+
+Fine-tune inits, `init.towers`, distillation teachers, `mmjax eval`, `mmjax
+convert` (and export and serving) all come through here, so "is this a workdir or
+an HF directory?" is decided in one place (`kind_of`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import pathlib
+import re
+
+import ml_collections
+import numpy as np
+from PIL import Image
+
+from mmjax.data.tokenizer import Tokenizer, get_tokenizer, load_tokenizer
+from mmjax.io import hf, workdir
+from mmjax.io.checkpointer import Checkpointer
+from mmjax.io.preprocess import ImagePreprocess
+from mmjax.io.trees import CheckpointMismatch, flat, unflat
+from mmjax.models import build_model
+
+log = logging.getLogger("mmjax")
+KINDS = ("workdir", "hf")
+
+
+@dataclasses.dataclass
+class Loaded:
+  """What `load` returns: enough to build, run and re-save the model."""
+  path: pathlib.Path
+  kind: str                            # "workdir" | "hf"
+  config: ml_collections.ConfigDict    # run config (workdir) or {"model", "data"} (hf)
+  params: dict | None                  # None with load(..., params=False)
+  step: int | None                     # checkpoint step (None: an HF directory)
+  tokenizer: Tokenizer | None
+  preprocess: ImagePreprocess | None   # image -> model input, as the model was trained
+  hf_config: dict | None = None        # the HF config.json (HF dirs, converted workdirs)
+
+  def model(self):
+    """The Flax module of `config`, sized by the tokenizer where the config leaves it."""
+    return build_model(self.config, *_vocab(self.tokenizer))
+
+
+def special_ids(tokenizer) -> dict[str, int]:
+  return {"pad": tokenizer.pad_id, "cls": tokenizer.cls_id, "sep": tokenizer.sep_id,
+          "mask": tokenizer.mask_id}
+
+
+def _vocab(tokenizer) -> tuple[int | None, dict | None]:
+  if tokenizer is None:
+    return None, None
+  return tokenizer.vocab_size, special_ids(tokenizer)
+
+
+def kind_of(path, what: str = "path") -> str:
+  """"workdir" or "hf"; anything else is an error naming `what` (e.g. "init.path")."""
+  path = pathlib.Path(path).expanduser()
+  if workdir.is_workdir(path):
+    return "workdir"
+  if hf.is_hf_dir(path):
+    return "hf"
+  if not path.exists():
+    raise FileNotFoundError(f"{what}={str(path)!r} does not exist")
+  raise FileNotFoundError(f"{what}={str(path)!r} is neither an mmjax workdir (config.json + "
+                          f"checkpoints/) nor a Hugging Face directory (model.safetensors)")
+
+
+def data_preprocess(data) -> ImagePreprocess:
+  """The eval-time image transform of mmjax's data pipeline (square bilinear resize, then
+  (x / 255 - mean) / std), as an ImagePreprocess for single images."""
+  s = int(data.image_size)
+  return ImagePreprocess(resize=(s, s), crop=None, resample=Image.Resampling.BILINEAR,
+                         rescale=1 / 255, mean=tuple(data.get("mean", (0.5,) * 3)),
+                         std=tuple(data.get("std", (0.5,) * 3)))
+
+
+def tokenizer_path(path: pathlib.Path, config) -> str:
+  """Where the tokenizer of a workdir or HF directory is ("" when it has none on disk):
+  the tokenizer.json beside the weights (every mmjax run saves one), else a workdir's
+  data.tokenizer."""
+  if (path / "tokenizer.json").is_file():
+    return str(path / "tokenizer.json")
+  if (path / "vocab.txt").is_file():
+    return str(path)
+  return str(config.data.get("tokenizer", "")) if "data" in config else ""
+
+
+def workdir_tokenizer(path: pathlib.Path, config) -> Tokenizer | None:
+  """The tokenizer a workdir's run used; for a workdir older than saved tokenizers, the
+  one trained from the run's data (cached) if its model reads text, else None."""
+  where = tokenizer_path(path, config)
+  if where:
+    return load_tokenizer(where)
+  return get_tokenizer(config.data) if config.model.get("text") else None
+
+
+def load(path, step: int | None = None, *, config: ml_collections.ConfigDict | None = None,
+         new: str = "", ignore: str = "", params: bool = True, what: str = "path") -> Loaded:
+  """An mmjax workdir (checkpoint `step`, default the newest readable) or a local Hugging
+  Face directory.
+
+  config: for an HF directory, the mmjax model to import the weights into (default: the
+    one the directory describes); `new` (regex of mmjax params left at a fresh init) and
+    `ignore` (regex of HF tensors to leave unused) relax the strict key check. A workdir's
+    params come back as saved, less those matching `ignore`.
+  params: False reads configs, tokenizer and preprocessing only.
+  """
+  path = pathlib.Path(path).expanduser().absolute()
+  kind = kind_of(path, what)
+  if kind == "hf":
+    return _load_hf(path, config, new, ignore, params)
+  run_config = workdir.run_config_of(path)
+  weights, got_step = None, step
+  if params:
+    ckpt = Checkpointer(path, keep=1, read_only=True, base_loader=base_params)
+    try:
+      weights, got_step = ckpt.read_params(step)
+    finally:
+      ckpt.close()
+    if ignore:
+      skip = re.compile(ignore)
+      weights = unflat({k: v for k, v in flat(weights).items() if not skip.search(k)})
+  preprocess = data_preprocess(run_config.data) if run_config.model.get("image") else None
+  return Loaded(path, kind, run_config, weights, got_step, workdir_tokenizer(path, run_config),
+                preprocess, workdir.hf_config_of(path))
+
+
+def _load_hf(path: pathlib.Path, config, new: str, ignore: str, params: bool) -> Loaded:
+  model_config, preprocess = hf.pretrained_config(path)
+  tokenizer = hf.hf_tokenizer(path)
+  weights = None
+  if params:
+    if config is None:
+      weights = hf.load_params(path, model_config, ignore=ignore)
+    else:
+      # The importer checks keys and shapes itself; params matching `new` come back
+      # freshly initialised and are dropped, so the caller's own init is used.
+      fresh = re.compile(new) if new else None
+      imported = hf.load_params(path, config, allow_missing=new, ignore=ignore)
+      weights = unflat({k: v for k, v in flat(imported).items()
+                         if not (fresh and fresh.search(k))})
+  return Loaded(path, "hf", model_config, weights, None, tokenizer, preprocess,
+                hf.read_config(path))
+
+
+def base_params(base: dict, config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
+  """The params a delta checkpoint left out (`base["params"]`), read back from the
+  checkpoint it points to (`base["path"]` at `base["step"]`); `config` is the delta
+  run's config (its model is what an HF base is imported into)."""
+  init = config.get("init") or {}
+  got = load(base["path"], base.get("step"), config=config, new=init.get("new", ""),
+             ignore=init.get("ignore", ""), what="the base checkpoint of a fine-tune")
+  saved = {k: np.asarray(v) for k, v in flat(got.params).items()}
+  missing = sorted(set(base["params"]) - set(saved))
+  if missing:
+    raise CheckpointMismatch(f"base checkpoint {base['path']} (step {base.get('step')}) no "
+                             f"longer has {len(missing)} params this fine-tune's checkpoint "
+                             f"relies on, e.g. {missing[:5]}")
+  return {k: saved[k] for k in base["params"]}
