@@ -227,4 +227,7 @@ def base_config() -> ml_collections.ConfigDict:
   # restore the best params (mmjax/train/early_stop.py); metric "" = off.
   c.early_stop = ml_collections.ConfigDict(dict(metric="", mode="max", patience=3,
                                                 min_delta=0.0, keep_best=1))
+  # Mixup / cutmix on device for classifiers (mmjax/train/mixing.py); all off here, so
+  # `--config.mix.mixup=0.2` works on any config.
+  c.mix = ml_collections.ConfigDict(dict(mixup=0.0, cutmix=0.0, prob=1.0, switch_prob=0.5))
   return c

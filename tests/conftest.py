@@ -6,6 +6,13 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
+# JAX's persistent compilation cache, shared by the test workers and the subprocesses
+# they start: most tests train the same tiny configs, and XLA:CPU compiling their train
+# step (~10 s) costs far more than running it. A cached executable is the compiled one,
+# so results do not change. Set before jax is first imported (the env var is read then).
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      str(ROOT / ".pytest_cache" / "jax-compilation-cache"))
+
 
 @pytest.fixture(scope="session", autouse=True)
 def _cache_dir(tmp_path_factory):

@@ -223,7 +223,7 @@ def test_batch_fn_off_and_config_errors():
 
 def test_augment_token_only_adds_augmentation():
   plain, aug = load_config('finetune_digits:tiny'), load_config('finetune_digits:tiny,augment')
-  assert 'mix' not in plain and 'randaugment' not in plain.data.augment
+  assert plain.mix.mixup == plain.mix.cutmix == 0.0 and 'randaugment' not in plain.data.augment
   assert aug.data.augment.randaugment.to_dict() == dict(num_ops=2, magnitude=9)
   assert aug.mix.to_dict() == dict(mixup=0.2, cutmix=1.0, prob=0.5, switch_prob=0.5)
 

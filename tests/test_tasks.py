@@ -171,7 +171,7 @@ def test_ner_evaluator_matches_seqeval_on_a_wrong_span(tmp_path):
       classnames=lambda ev, label: names,
       embedder=types.SimpleNamespace(classify=lambda b, label: {"logits": logits, label: labels}))
   ev = ml_collections.ConfigDict(dict(type="ner", split="test", label="word_tags"))
-  got = evals.ner(ctx, ev)
+  got = evals.ner.evaluate(ctx, ev)
   assert got["precision"] == pytest.approx(seqeval.precision_score(true, pred))
   assert got["recall"] == pytest.approx(seqeval.recall_score(true, pred))
   assert got["f1"] == pytest.approx(seqeval.f1_score(true, pred)) == pytest.approx(7 / 9)
