@@ -34,3 +34,9 @@ def read_workdir(path, step=None):
   from mmjax import io  # pylint: disable=g-import-not-at-top
   got = io.load(path, step)
   return got.config, got.params, got.step
+
+
+def pytest_collection_modifyitems(items):
+  """The few slow end-to-end tests first: the workers then finish together instead of
+  one running a long test alone at the end."""
+  items.sort(key=lambda item: item.get_closest_marker("slow") is None)

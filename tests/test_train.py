@@ -53,7 +53,10 @@ def test_resume_equals_uninterrupted(tmp_path):
     np.testing.assert_array_equal(x, y)
 
 
+@pytest.mark.slow
 def test_one_device_equals_eight_devices_and_fsdp():
+  """(data 4, fsdp 2) over 8 devices: the batch split 8 ways and kernels sharded, against
+  one device: the same losses and params after 3 steps."""
   code = r"""
 import jax, numpy as np, mmjax
 from jax.sharding import PartitionSpec as P
@@ -64,7 +67,7 @@ base = ["--config.model.dropout=0.1"]
 fsdp = base + ["--config.mesh.data=4", "--config.mesh.fsdp=2",
                "--config.sharding_rules=((r'kernel$', ('fsdp',)),)"]
 got = {}
-for name, n, overrides in (("one", 1, base), ("eight", 8, base), ("fsdp", 8, fsdp)):
+for name, n, overrides in (("one", 1, base), ("fsdp", 8, fsdp)):
   c = mmjax.load_config("demo:tiny", overrides)
   run = setup(c, devices=jax.devices()[:n])
   if name == "fsdp":
@@ -81,7 +84,7 @@ for name, n, overrides in (("one", 1, base), ("eight", 8, base), ("fsdp", 8, fsd
     s, m = step(s, b)
     losses.append(float(m["loss"]))
   got[name] = (losses, jax.device_get(s.params))
-for name in ("eight", "fsdp"):
+for name in ("fsdp",):
   np.testing.assert_allclose(got["one"][0], got[name][0], rtol=1e-5)
   diff = max(float(np.max(np.abs(x - y))) for x, y in
              zip(jax.tree.leaves(got["one"][1]), jax.tree.leaves(got[name][1])))

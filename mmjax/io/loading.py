@@ -45,7 +45,10 @@ class Loaded:
   hf_config: dict | None = None        # the HF config.json (HF dirs, converted workdirs)
 
   def model(self):
-    """The Flax module of `config`, sized by the tokenizer where the config leaves it."""
+    """The Flax module of `config`; a workdir's is sized by its tokenizer where the config
+    leaves it (an HF config states its vocabulary itself)."""
+    if self.kind == "hf":
+      return build_model(self.config)
     return build_model(self.config, *_vocab(self.tokenizer))
 
 
