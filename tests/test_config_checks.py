@@ -57,9 +57,9 @@ KEYS = ("total_steps", "batch_size", "eval_batch_size", "keep_checkpoints", "opt
         "model.fusion.depth", "model.embed_dim")
 _ = None   # absent
 VALUES = {
-    "demo": (1500, 64, 256, 2, 1e-3, 100, "shapes", 16, 256, (1.0, 1.0), False, 1024, 0,
+    "demo": (1200, 64, 256, 2, 1.5e-3, 100, "shapes", 16, 256, (1.0, 1.0), False, 1024, 0,
              96, 3, 96, 2, 1, 96),
-    "demo:tiny": (30, 16, 64, 2, 1e-3, 100, "shapes", 16, 256, (1.0, 1.0), False, 64, 0,
+    "demo:tiny": (30, 16, 64, 2, 1.5e-3, 100, "shapes", 16, 256, (1.0, 1.0), False, 64, 0,
                   32, 1, 32, 1, 1, 32),
     "bench": (1000, 64, 256, 1, 1e-4, 100, "shapes", 32, 256, (1.0, 1.0), False, 1024, 0,
               192, 6, 192, 6, _, 128),

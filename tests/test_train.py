@@ -11,7 +11,9 @@ import pytest
 import mmjax
 from mmjax import cli as mmjax_cli
 from mmjax.io import Checkpointer
+from mmjax.train import loop
 from mmjax.train.loop import setup
+from mmjax.train.metrics_writer import read_metrics
 
 from conftest import run_python
 
@@ -34,7 +36,7 @@ def final_params(workdir, overrides):
 
 
 @pytest.mark.slow
-def test_resume_equals_uninterrupted(tmp_path):
+def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
   common = ["--config", "demo:tiny", *FAST, "--config.total_steps=20",
             "--config.checkpoint_every=0"]
   straight = cli("train", "--workdir", str(tmp_path / "a"), *common)
@@ -42,9 +44,19 @@ def test_resume_equals_uninterrupted(tmp_path):
   first = cli("train", "--workdir", str(tmp_path / "b"), *common, "--config.stop_after=10")
   assert first.returncode == 0, first.stderr
   assert json.loads(first.stdout.splitlines()[-1])["steps"] == 10
+  # What a run killed after step 15 (its last checkpoint: 10) leaves behind.
+  with open(tmp_path / "b" / "metrics.jsonl", "a") as f:
+    f.write(json.dumps({"step": 15, "kind": "train", "loss": 99.0}) + "\n")
+  # Resuming restores onto the abstract state: fresh params are never initialised.
+  monkeypatch.setattr(loop.Run, "state", property(
+      lambda run: pytest.fail("a resumed run initialised a fresh state")))
   second = cli("train", "--workdir", str(tmp_path / "b"), *common)
   assert second.returncode == 0, second.stderr
   assert "resumed from" in second.stderr
+  rows = [r for r in read_metrics(tmp_path / "b") if r["kind"] == "train"]
+  assert [r["step"] for r in rows] == [5, 10, 15, 20]           # one row per step
+  assert rows[2]["loss"] != 99.0
+  monkeypatch.undo()
   overrides = ["--config.total_steps=20"]
   step_a, a = final_params(tmp_path / "a", overrides)
   step_b, b = final_params(tmp_path / "b", overrides)
