@@ -1,4 +1,3 @@
-import jax
 import ml_collections
 import numpy as np
 

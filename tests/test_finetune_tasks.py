@@ -1,6 +1,5 @@
 """Task heads, the classify objective, the classification report, and fine-tuning from a
 pretrained workdir through `mmjax finetune`."""
-import copy
 import json
 import subprocess
 import sys
@@ -9,7 +8,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 import pytest
 
 import mmjax

@@ -2,7 +2,6 @@
 Orbax leftovers are cleaned, `load` tells workdirs from HF directories, and commands
 that fail validation leave nothing behind."""
 import logging
-import pathlib
 
 import jax
 import jax.numpy as jnp

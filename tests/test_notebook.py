@@ -1,5 +1,4 @@
 """The quick-start notebook runs top to bottom (tiny config, CPU)."""
-import os
 
 import nbformat
 import pytest

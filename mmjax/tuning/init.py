@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import pathlib
 import re
 from typing import Any
 
