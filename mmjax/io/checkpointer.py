@@ -31,6 +31,7 @@ import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from mmjax.io.trees import CheckpointMismatch, drop_params, fill_params, shapes_by_name, \
     tree_mismatch
@@ -120,12 +121,15 @@ class Checkpointer:
                                f"all failed to read (see the warnings above)")
 
   def _set_aside(self, step: int) -> pathlib.Path:
+    """Move step `step` out of Orbax's sight (process 0 moves; every process waits)."""
     self.manager.wait_until_finished()
     target = self.workdir / UNREADABLE_DIR / str(step)
-    if target.exists():
-      target = target.with_name(f"{step}.{int(time.time())}")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.move(str(self.directory / str(step)), str(target))
+    if jax.process_index() == 0:
+      if target.exists():
+        target = target.with_name(f"{step}.{int(time.time())}")
+      target.parent.mkdir(parents=True, exist_ok=True)
+      shutil.move(str(self.directory / str(step)), str(target))
+    multihost_utils.sync_global_devices(f"mmjax_set_aside_{step}")
     self.manager.reload()
     return target
 
