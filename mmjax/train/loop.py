@@ -351,8 +351,10 @@ def evaluate(config: ml_collections.ConfigDict | None, workdir: str | pathlib.Pa
   """Run the evals of `config` (default: the workdir's own config) on the latest
   readable (or given) checkpoint of `workdir`. Reads params only: no optimizer state,
   no teacher, and nothing is written but the evaluators' reports."""
+  if config is None:   # (params=False: nothing touches JAX before `prepare` joins a pod)
+    config = io.load(workdir, params=False, what="workdir").config
+  config = prepare(config, training=False)
   loaded = io.load(workdir, step, what="workdir")
-  config = prepare(loaded.config if config is None else config, training=False)
   # The data pipeline tokenizes captions even for an image-only model.
   tokenizer = loaded.tokenizer or mmdata.get_tokenizer(config.data)
   model = build_model(config, tokenizer.vocab_size, special_ids(tokenizer))
