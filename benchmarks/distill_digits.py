@@ -116,7 +116,6 @@ def main():
     student.append(f"--config.total_steps={args.steps}")
   distill = [f"--config.distill.teacher={teacher}",
              f"--config.distill.temperature={args.temperature}",
-             f"--config.objective_options.distill.temperature={args.temperature}",
              f"--config.objectives.classify={round(1 - args.weight, 6)}",
              f"--config.objectives.distill={args.weight}"]
   seeds = [int(s) for s in args.seeds.split(",")]
