@@ -189,3 +189,14 @@ def test_train_with_a_bad_number_fails_first_and_creates_nothing(tmp_path, capsy
   err = capsys.readouterr().err
   assert message in err and "Traceback" not in err
   assert not wd.exists()
+
+
+def test_convert_names_an_unreadable_safetensors_file(tmp_path, capsys):
+  hf = tmp_path / "hf"
+  hf.mkdir()
+  (hf / "config.json").write_text('{"architectures": ["ViTModel"], "model_type": "vit"}')
+  (hf / "model.safetensors").write_bytes(b"not a safetensors file")
+  assert cli.main(["convert", "--from-hf", str(hf), "--to", str(tmp_path / "out")]) == 2
+  err = capsys.readouterr().err
+  assert f"{hf / 'model.safetensors'}: not a readable safetensors file" in err
+  assert "Traceback" not in err and not (tmp_path / "out").exists()

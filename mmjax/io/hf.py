@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file, save_file
 
 from mmjax.io import hf_config, hf_params
@@ -95,12 +96,30 @@ def read_config(directory) -> dict:
                    "a Hugging Face model config (config.json beside model.safetensors)")
 
 
-def _tensors(directory: pathlib.Path) -> dict[str, np.ndarray]:
+def _weights(directory: pathlib.Path) -> pathlib.Path:
   weights = directory / "model.safetensors"
   if not weights.is_file():
     raise FileNotFoundError(f"{directory}: no model.safetensors (mmjax reads safetensors only; "
                             f"a pytorch_model.bin is never unpickled)")
-  return load_file(str(weights))
+  return weights
+
+
+def _tensors(directory: pathlib.Path) -> dict[str, np.ndarray]:
+  path = _weights(directory)
+  try:
+    return load_file(str(path))
+  except SafetensorError as e:
+    raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def _tensor_names(directory: pathlib.Path) -> set[str]:
+  """The tensor names of model.safetensors, from its header alone (no weights read)."""
+  path = _weights(directory)
+  try:
+    with safe_open(str(path), framework="numpy") as f:
+      return set(f.keys())
+  except SafetensorError as e:
+    raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
 
 
 def load_params(path, config, *, allow_missing: str = "", ignore: str = "") -> dict:
@@ -134,7 +153,7 @@ def pretrained_config(path, *, image_size: int = 0, max_len: int = 0
   directory = pathlib.Path(path).expanduser()
   hf = read_config(directory)
   arch = hf_config.architecture(hf)
-  keys = set(_tensors(directory))
+  keys = _tensor_names(directory)
   pool = _sentence_pooling(directory)
   has_pooler = f"{hf_params.detect_prefix(arch, keys)}pooler.dense.weight" in keys and not pool
   config = hf_config.to_mmjax(hf, pooler=has_pooler, text_pool=pool,
