@@ -13,7 +13,6 @@ an HF directory?" is decided in one place (`kind_of`).
 from __future__ import annotations
 
 import dataclasses
-import logging
 import pathlib
 import re
 
@@ -28,8 +27,6 @@ from mmjax.io.preprocess import ImagePreprocess
 from mmjax.io.trees import CheckpointMismatch, flat, unflat
 from mmjax.models import build_model
 
-log = logging.getLogger("mmjax")
-KINDS = ("workdir", "hf")
 
 
 @dataclasses.dataclass
@@ -137,20 +134,20 @@ def load(path, step: int | None = None, *, config: ml_collections.ConfigDict | N
 
 
 def _load_hf(path: pathlib.Path, config, new: str, ignore: str, params: bool) -> Loaded:
+  if params and config is None:   # the directory's own model: all of from_pretrained's checks
+    p = hf.from_pretrained(path, ignore=ignore)
+    return Loaded(path, "hf", p.config, p.params, None, p.tokenizer, p.preprocess, p.hf_config)
   model_config, preprocess = hf.pretrained_config(path)
-  tokenizer = hf.hf_tokenizer(path)
   weights = None
   if params:
-    if config is None:
-      weights = hf.load_params(path, model_config, ignore=ignore)
-    else:
-      # The importer checks keys and shapes itself; params matching `new` come back
-      # freshly initialised and are dropped, so the caller's own init is used.
-      fresh = re.compile(new) if new else None
-      imported = hf.load_params(path, config, allow_missing=new, ignore=ignore)
-      weights = unflat({k: v for k, v in flat(imported).items()
-                         if not (fresh and fresh.search(k))})
-  return Loaded(path, "hf", model_config, weights, None, tokenizer, preprocess,
+    # Into another model (a fine-tune's): the importer checks keys and shapes itself;
+    # params matching `new` come back freshly initialised and are dropped, so the caller's
+    # own init is used.
+    fresh = re.compile(new) if new else None
+    imported = hf.load_params(path, config, allow_missing=new, ignore=ignore)
+    weights = unflat({k: v for k, v in flat(imported).items()
+                      if not (fresh and fresh.search(k))})
+  return Loaded(path, "hf", model_config, weights, None, hf.hf_tokenizer(path), preprocess,
                 hf.read_config(path))
 
 

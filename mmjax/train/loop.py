@@ -99,13 +99,12 @@ def prepare(config: ml_collections.ConfigDict, training: bool = True
   return towers_from_init(config)
 
 
-def setup(config: ml_collections.ConfigDict, devices=None, *, teacher: bool = True,
-          sources: mmdata.Sources | None = None) -> Run:
+def setup(config: ml_collections.ConfigDict, devices=None, *, teacher: bool = True) -> Run:
   """Tokenizer, model, mesh (over `devices`, default all), optimizer, abstract state and
   (with `teacher`) the distillation teacher. `run.config` is `config` with what
   `init.towers` takes from the init checkpoint."""
   config = prepare(config)
-  sources = sources if sources is not None else mmdata.Sources()
+  sources = mmdata.Sources()     # one per run: tokenizer, train iterator and evals share it
   tokenizer = mmdata.get_tokenizer(config.data, sources=sources)
   model = build_model(config, tokenizer.vocab_size, special_ids(tokenizer))
   mesh = parallel.make_mesh(config.get("mesh", {}), devices)
@@ -359,8 +358,7 @@ def evaluate(config: ml_collections.ConfigDict | None, workdir: str | pathlib.Pa
   tokenizer = loaded.tokenizer or mmdata.get_tokenizer(config.data)
   model = build_model(config, tokenizer.vocab_size, special_ids(tokenizer))
   mesh = parallel.make_mesh(config.get("mesh", {}))
-  init_rng = jax.random.split(jax.random.PRNGKey(config.get("seed", 0)))[0]
-  wanted = jax.eval_shape(_init_params_fn(model, config, init_rng))
+  wanted = jax.eval_shape(_init_params_fn(model, config, jax.random.PRNGKey(0)))  # shapes
   problems = tree_mismatch(shapes_by_name(loaded.params), shapes_by_name(wanted))
   if problems:
     raise CheckpointMismatch(f"checkpoint {loaded.path} (step {loaded.step}) does not fit "
