@@ -2,6 +2,7 @@
 
   mmjax train --config configs/demo.py[:arg] --workdir DIR [--config.key=value ...]
   mmjax finetune --config configs/finetune_digits.py[:arg] --init CKPT_OR_HF_DIR --workdir DIR
+  mmjax finetune --data IMAGES_DIR_OR_FILE --workdir DIR [--init CKPT_OR_HF_DIR]
   mmjax eval  --workdir DIR [--config configs/demo.py] [--step N]
   mmjax demo  [--workdir DIR] [--config.key=value ...]
   mmjax convert --from-hf HF_DIR --to WORKDIR [--config BASE.py] [--image-size N]
@@ -37,9 +38,13 @@ def _parser() -> argparse.ArgumentParser:
                      ("demo", "train and evaluate the default config on built-in data")):
     s = sub.add_parser(name, help=text)
     s.add_argument("--config", default="demo" if name == "demo" else None,
-                   required=name in ("train", "finetune"),
                    help="configs/<name>.py[:arg] or a built-in name" +
                         (" (default: the workdir's own config.json)" if name == "eval" else ""))
+    if name in ("train", "finetune"):
+      s.add_argument("--data", default=None, metavar="IMAGES_DIR_OR_FILE",
+                     help="your labelled images: a folder root/<class>/*.jpg or a JSONL/CSV "
+                          "of image paths and labels; without --config, the recipe of "
+                          "configs/classify_files.py, with it, sets config.data.path")
     s.add_argument("--workdir", default="workdirs/demo" if name == "demo" else None,
                    required=name != "demo")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -79,8 +84,9 @@ def _convert(args, overrides: list[str]) -> int:
     params = p.params
     if config.model.get("fusion"):   # kept from the base config: it must be allowed missing
       params = io.hf.load_params(args.from_hf, config, allow_missing=args.allow_missing)
-    io.workdir.write_workdir(out, config, initial_state(config, params), p.hf_config,
-                             p.tokenizer)
+    io.workdir.write_workdir(out, config, initial_state(config, params,
+                                                        batch_stats=p.batch_stats),
+                             p.hf_config, p.tokenizer)
     print(json.dumps({"architecture": p.architecture, "workdir": out,
                       "config": os.path.join(out, "config.py")}))
     return 0
@@ -93,7 +99,7 @@ def _convert(args, overrides: list[str]) -> int:
           f"directory already", file=sys.stderr)
     return 2
   io.save_pretrained(args.out, loaded.config, loaded.params, hf_config_base=loaded.hf_config,
-                     tokenizer=loaded.tokenizer)
+                     tokenizer=loaded.tokenizer, batch_stats=loaded.batch_stats)
   print(json.dumps({"workdir": str(loaded.path), "step": loaded.step,
                     "out": os.path.abspath(args.out)}))
   return 0
@@ -127,8 +133,17 @@ def main(argv: list[str] | None = None) -> int:
         raise
       print(f"mmjax convert: error: {_message(e)}", file=sys.stderr)
       return 2
+  data = getattr(args, "data", None)
+  if args.command in ("train", "finetune") and not (args.config or data):
+    print(f"mmjax {args.command}: give --config CONFIG[:arg] or --data PATH", file=sys.stderr)
+    return 2
   try:
-    config = load_config(args.config, overrides) if args.config else None
+    if data is not None and args.config is None:
+      config = load_config(f"classify_files:{data}", overrides)
+    elif data is not None:
+      config = load_config(args.config, overrides + [f"--config.data.path={data}"])
+    else:
+      config = load_config(args.config, overrides) if args.config else None
   except ConfigError as e:
     print(f"mmjax: config error: {e}", file=sys.stderr)
     return 2

@@ -89,14 +89,50 @@ def set_key(cfg: ml_collections.ConfigDict, key: str, raw: str) -> None:
     node[parts[-1]] = _parse(raw, node[parts[-1]], f"--config.{key}")
 
 
+def _switch_source(cfg: ml_collections.ConfigDict, name: str) -> None:
+  """`config.data` for source `name`: its fields with their defaults, keeping the values
+  of the fields every source reads (image_size, max_len, augment, ...), so that
+  `--config.data.name=files --config.data.path=...` works on a digits config."""
+  if name == cfg.data.get("name"):
+    return
+  old = cfg.data.to_dict()
+  with cfg.unlocked():
+    cfg.data = data_block(name, **{k: v for k, v in old.items()
+                                   if k in DATA_FIELDS and k != "name"})
+
+
 def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Sequence[str]) -> None:
+  """Set each `--config.key=value`; `data.name` is applied first, as it decides which
+  `data.*` fields exist."""
+  parsed = []
   for item in overrides:
     if not item.startswith("--config."):
       raise ConfigError(f"override {item!r} must look like --config.key=value")
     key, eq, raw = item[len("--config."):].partition("=")
     if not eq:
       raise ConfigError(f"override {item!r} has no '=value'")
-    set_key(cfg, key, raw)
+    parsed.append((key, raw))
+  for key, raw in sorted(parsed, key=lambda kv: kv[0] != "data.name"):   # stable
+    if key == "data.name" and isinstance(cfg.get("data"), ml_collections.ConfigDict):
+      _switch_source(cfg, data_fields(raw)["name"])
+    else:
+      set_key(cfg, key, raw)
+
+
+def with_defaults(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`cfg` with the keys the code reads that a config file may leave out, so that each
+  can be overridden on every config: every field of its data source, `model.classifier`
+  (off) and `objective_options`."""
+  with cfg.unlocked():
+    data = cfg.get("data")
+    if isinstance(data, ml_collections.ConfigDict) and data.get("name", "") in SOURCE_FIELDS:
+      cfg.data = ml_collections.ConfigDict({**data_fields(data.name), **data.to_dict()})
+    model = cfg.get("model")
+    if isinstance(model, ml_collections.ConfigDict) and "classifier" not in model:
+      model.classifier = ml_collections.ConfigDict(dict(input="image", num_classes=0))
+    if "objective_options" not in cfg:
+      cfg.objective_options = ml_collections.ConfigDict()
+  return cfg
 
 
 def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
@@ -107,7 +143,7 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
   module_spec.loader.exec_module(module)
   if not hasattr(module, "get_config"):
     raise ConfigError(f"{path} defines no get_config(arg=None)")
-  cfg = module.get_config(arg) if arg is not None else module.get_config()
+  cfg = with_defaults(module.get_config(arg) if arg is not None else module.get_config())
   apply_overrides(cfg, overrides)
   cfg.lock()
   return cfg
@@ -167,7 +203,8 @@ SOURCE_FIELDS = {
     "shapes": dict(train_size=50_000, eval_size=2_000, num_objects=(1, 3)),
     "digits": {},
     "files": dict(path="", image_dir="", image_key="image", text_key="caption", label_key="",
-                  on_bad="skip"),
+                  on_bad="skip", test_fraction=0.0),
+    "folder": dict(path="", label_key="label", test_fraction=0.2, on_bad="skip"),
     "tfds": dict(tfds_name="", data_dir="", image_key="image", text_key="", label_key="label",
                  caption_template="a photo of a {}."),
 }
@@ -203,6 +240,12 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.total_steps = 1000
+  # Lengths in passes over the train split (> 0 wins over the step key beside it, set once
+  # the split's size is known: mmjax/train/epochs.py): total_steps, eval_every,
+  # checkpoint_every and optim.warmup_steps.
+  c.epochs = 0.0
+  c.eval_every_epochs = 0.0
+  c.checkpoint_every_epochs = 0.0
   c.stop_after = 0              # >0: stop this process after N steps (checkpointed)
   c.batch_size = 64             # global, over all processes and devices
   c.eval_batch_size = 256
@@ -215,7 +258,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.objectives = ml_collections.ConfigDict(dict(contrastive=1.0))
   c.optim = ml_collections.ConfigDict(dict(
       name="adamw", lr=1e-3, b1=0.9, b2=0.98, eps=1e-8, weight_decay=0.05, momentum=0.9,
-      schedule="cosine", warmup_steps=100, end_lr_factor=0.0, clip_norm=1.0,
+      schedule="cosine", warmup_steps=100, warmup_epochs=0.0, end_lr_factor=0.0, clip_norm=1.0,
       accum_steps=1, frozen="", no_decay=NO_DECAY))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
   c.sharding_rules = ()         # ((regex, (axis or None, ...)), ...), e.g. ((r"kernel$", ("fsdp",)),)

@@ -66,7 +66,12 @@ RANGES: dict[str, Range] = {
     "eval_every": _at_least(0),            # 0: at the end only
     "checkpoint_every": _at_least(0),      # 0: at the end only
     "keep_checkpoints": _at_least(1),
+    "epochs": NON_NEGATIVE,                # 0: total_steps; > 0 sets it (mmjax/train/epochs.py)
+    "eval_every_epochs": NON_NEGATIVE,
+    "checkpoint_every_epochs": NON_NEGATIVE,
+    "optim.warmup_epochs": NON_NEGATIVE,
     "optim.lr": POSITIVE,
+    "init.lr": NON_NEGATIVE,               # 0: optim.lr
     "optim.b1": BETA,
     "optim.b2": BETA,
     "optim.eps": NON_NEGATIVE,
@@ -89,6 +94,7 @@ RANGES: dict[str, Range] = {
     "data.num_workers": _at_least(0),
     "data.vocab_size": _at_least(1),
     "data.train_examples": _at_least(0),   # 0: all
+    "data.test_fraction": Range(0, 1, open=("hi",)),   # 0: the splits as given
     "data.train_size": _at_least(1),
     "data.eval_size": _at_least(1),
     "mix.mixup": NON_NEGATIVE,             # Beta alphas; 0: off
@@ -123,7 +129,7 @@ GROUP_KEYS: dict[str, tuple[str, ...]] = {
     "mix": ("mixup", "cutmix", "prob", "switch_prob"),
     "distill": ("teacher", "step", "temperature"),
     "finetune": FINETUNE_KEYS,
-    "init": ("path", "step", "new", "ignore", "towers"),
+    "init": ("path", "step", "new", "ignore", "lr", "towers"),
     "model.classifier": ("input", "num_classes"),
 }
 # Evaluator type (mmjax/evals EVALUATORS) -> the fields it reads besides these.

@@ -32,6 +32,10 @@ SPECS = [
     *(f"distill_digits:{role}{tiny}" for role in ("teacher", "student", "distill")
       for tiny in ("", ",tiny")),
     *_finetune_digits_specs(),
+    # Own data: a path that is not there sizes the recipe by its defaults.
+    "classify_files:/data/images", "classify_files:/data/images,tiny",
+    "classify_files:/data/{split}.jsonl,tower=resnet", "classify_files:/data/x.csv,tiny",
+    "classify_text:/data/{split}.jsonl", "classify_text:/data/texts.csv,tiny",
 ]
 
 

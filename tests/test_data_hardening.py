@@ -314,9 +314,9 @@ def test_get_tokenizer_without_sources_builds_its_own(tmp_path, monkeypatch):
 
 
 def test_unknown_source_name_lists_the_registered_ones():
-  assert set(mmdata.SOURCES) == {'shapes', 'digits', 'files', 'tfds'}
+  assert set(mmdata.SOURCES) == {'shapes', 'digits', 'files', 'folder', 'tfds'}
   with pytest.raises(DataError, match=r"data.name='fils': expected one of shapes, digits, "
-                                      r'files, tfds'):
+                                      r'files, folder, tfds'):
     mmdata.build_source(ml_collections.ConfigDict(dict(name='fils')), 'train')
   with pytest.raises(DataError, match="data.name='fils'"):
     mmdata.get_tokenizer(ml_collections.ConfigDict(dict(name='fils', cache_dir='')))

@@ -137,5 +137,5 @@ def test_init_from_another_model_lists_the_keys(pretrained):
   with config.unlocked():
     config.init.ignore = r"^classifier/"
     config.init.new = r"^classifier/"
-  merged, counts = load_init(config, params)
+  merged, _, counts = load_init(config, params)
   assert counts["new"] == 2 and merged["classifier"]["kernel"].shape == (32, 3)

@@ -230,7 +230,7 @@ def test_vqa_tiny_finetune_from_a_demo_shaped_workdir(itm_workdir, tmp_path):
 def test_ner_takes_only_the_text_tower_of_a_demo_shaped_workdir(itm_workdir):
   config = mmjax.load_config("finetune_ner:tiny", [f"--config.init.path={itm_workdir[0]}"])
   params = jax.device_get(setup(config).state.params)
-  merged, info = load_init(config, params)
+  merged, _, info = load_init(config, params)
   text = jax.tree.leaves(params["text_tower"])
   assert (info["loaded"], info["new"]) == (len(text), 2)    # new: the classifier's kernel, bias
   assert not np.allclose(jax.tree.leaves(merged["text_tower"])[0], text[0])

@@ -1,4 +1,4 @@
-"""Data: sources (shapes, digits, files, tfds), tokenizer, and the grain batch iterator."""
+"""Data: sources (shapes, digits, files, folder, tfds), tokenizer, and the grain batch iterator."""
 
 from mmjax.data.errors import DataError
 from mmjax.data.pipeline import make_dataset, make_iterator

@@ -76,7 +76,8 @@ def _augment_options(augment) -> dict:
 
 
 class _Preprocess:
-  """Example -> example with image uint8 [S, S, 3] (augmented when `train`); text is left as is.
+  """Example -> example with image uint8 [S, S, 3] (augmented when `train`); text is left as
+  is, and so is an example without an image (a text-only source).
 
   Train-time augmentation, each step as `data.augment` asks: random-resized crop, h-flip,
   colour jitter, RandAugment.
@@ -87,6 +88,8 @@ class _Preprocess:
     self.augment = _augment_options(augment)
 
   def __call__(self, example: dict, rng: np.random.Generator) -> dict:
+    if 'image' not in example:
+      return example
     image = example['image']
     if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
       raise DataError(f'source image has shape {image.shape} {image.dtype}; expected uint8 [H, W, 3]')
@@ -103,7 +106,8 @@ class _Preprocess:
 
 
 class _Collate:
-  """Examples -> batch dict: normalised images, tokenized text, int32 labels, str arrays.
+  """Examples -> batch dict: normalised images (none for text-only examples), tokenized
+  text, int32 labels, str arrays.
 
   `text_field` is the string field tokenized into text / text_mask (VQA: "question").
   `token_labels`, when set, names a string field of space-separated per-word tags
@@ -146,8 +150,10 @@ class _Collate:
     return [self.tag_ids[t] for t in tags]
 
   def __call__(self, examples) -> dict:
-    batch = {'image': image_ops.normalize(np.stack([e['image'] for e in examples]),
-                                          self.mean, self.std)}  # [B, S, S, 3]
+    batch = {}
+    if 'image' in examples[0]:
+      batch['image'] = image_ops.normalize(np.stack([e['image'] for e in examples]),
+                                           self.mean, self.std)  # [B, S, S, 3]
     texts = self._texts(examples)
     for key, value in examples[0].items():
       if isinstance(value, str):
@@ -254,9 +260,10 @@ def make_iterator(data, split: str, *, batch_size: int, train: bool, tokenizer,
                   source=None) -> grain.DatasetIterator:
   """A checkpointable iterator of numpy batch dicts for this process (see the module docstring).
 
-  Keys: image float32 [B, S, S, 3]; text, text_mask int32 [B, L]; each integer label
-  of the source int32 [B]; caption (and other string fields) str [B]; valid float32 [B]
-  (0 on the padding that fills the last eval batch). Eval is one pass, unshuffled.
+  Keys: image float32 [B, S, S, 3] (none from a text-only source); text, text_mask int32
+  [B, L]; each integer label of the source int32 [B]; caption (and other string fields)
+  str [B]; valid float32 [B] (0 on the padding that fills the last eval batch). Eval is
+  one pass, unshuffled.
   """
   ds = make_dataset(data, split, batch_size=batch_size, train=train, tokenizer=tokenizer,
                     process_index=process_index, process_count=process_count,

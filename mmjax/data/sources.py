@@ -12,6 +12,7 @@ SOURCES = {
     'shapes': 'mmjax.data.shapes',
     'digits': 'mmjax.data.digits',
     'files': 'mmjax.data.files',
+    'folder': 'mmjax.data.folder',
     'tfds': 'mmjax.data.tfds_source',
 }
 

@@ -9,6 +9,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from mmjax import parallel
+from mmjax.models import variables
 
 
 def to_host(x: jax.Array) -> np.ndarray:
@@ -24,35 +25,35 @@ def pad_rows(x: np.ndarray, multiple: int) -> np.ndarray:
 
 
 class Embedder:
-  """The model's inference functions, jitted once for a params/mesh pair."""
+  """The model's inference functions, jitted once for a params/mesh pair. BatchNorm
+  normalises with `batch_stats`, the running statistics."""
 
-  def __init__(self, model, params: Any, mesh: jax.sharding.Mesh):
+  def __init__(self, model, params: Any, mesh: jax.sharding.Mesh, batch_stats: Any = None):
     self.model, self.params, self.mesh = model, params, mesh
+    self.variables = variables(params, batch_stats)
 
   @functools.cached_property
   def _image_fn(self):
-    return jax.jit(lambda p, x: self.model.apply({"params": p}, x,
-                                                 method=self.model.encode_image)[0])
+    return jax.jit(lambda v, x: self.model.apply(v, x, method=self.model.encode_image)[0])
 
   @functools.cached_property
   def _text_fn(self):
-    return jax.jit(lambda p, ids, m: self.model.apply({"params": p}, ids, m,
+    return jax.jit(lambda v, ids, m: self.model.apply(v, ids, m,
                                                       method=self.model.encode_text)[0])
 
   @functools.cached_property
   def _match_fn(self):
-    def match(p, image, ids, mask):
+    def match(v, image, ids, mask):
       def f(module):
         _, img = module.encode_image(image)
         _, txt = module.encode_text(ids, mask)
         return module.match_logits(img["tokens"], txt["tokens"], mask)
-      return jax.nn.softmax(self.model.apply({"params": p}, method=f), axis=-1)[:, 1]
+      return jax.nn.softmax(self.model.apply(v, method=f), axis=-1)[:, 1]
     return jax.jit(match)
 
   @functools.cached_property
   def _classify_fn(self):
-    return jax.jit(lambda p, batch: self.model.apply({"params": p}, batch,
-                                                     method=self.model.classify))
+    return jax.jit(lambda v, batch: self.model.apply(v, batch, method=self.model.classify))
 
   def classify(self, batches: Iterable[dict[str, np.ndarray]], label: str
                ) -> dict[str, np.ndarray]:
@@ -61,8 +62,8 @@ class Embedder:
     logits, labels = [], []
     for batch in batches:
       g = parallel.device_batch(batch, self.mesh)
-      inputs = {k: g[k] for k in ("image", "text", "text_mask")}
-      logits.append(to_host(self._classify_fn(self.params, inputs)))
+      inputs = {k: g[k] for k in ("image", "text", "text_mask") if k in g}  # text-only data
+      logits.append(to_host(self._classify_fn(self.variables, inputs)))
       labels.append(to_host(g[label]))
       if "valid" in g:
         keep = to_host(g["valid"]) > 0
@@ -82,7 +83,7 @@ class Embedder:
       chunk_mask = pad_rows(mask[i:i + step], jax.device_count())
       sharding = parallel.batch_sharding(self.mesh)
       g_ids, g_mask = (jax.device_put(a, sharding) for a in (chunk_ids, chunk_mask))
-      out.append(to_host(self._text_fn(self.params, g_ids, g_mask)))
+      out.append(to_host(self._text_fn(self.variables, g_ids, g_mask)))
     return np.concatenate(out)[:n]
 
   def split(self, batches: Iterable[dict[str, np.ndarray]], *, match: bool = False,
@@ -97,13 +98,13 @@ class Embedder:
     cols: dict[str, list[np.ndarray]] = {}
     for batch in batches:
       g = parallel.device_batch(batch, self.mesh)
-      got = {"image_emb": self._image_fn(self.params, g["image"]),
-             "text_emb": self._text_fn(self.params, g["text"], g["text_mask"])}
+      got = {"image_emb": self._image_fn(self.variables, g["image"]),
+             "text_emb": self._text_fn(self.variables, g["text"], g["text_mask"])}
       if match:
-        got["match_pos"] = self._match_fn(self.params, g["image"], g["text"], g["text_mask"])
+        got["match_pos"] = self._match_fn(self.variables, g["image"], g["text"], g["text_mask"])
         rolled = {k: np.roll(batch[k], negative_shift, axis=0) for k in ("text", "text_mask")}
         gr = parallel.device_batch(rolled, self.mesh)
-        got["match_neg"] = self._match_fn(self.params, g["image"], gr["text"], gr["text_mask"])
+        got["match_neg"] = self._match_fn(self.variables, g["image"], gr["text"], gr["text_mask"])
         got["neg_same"] = (g["text"] == gr["text"]).all(axis=1)
       for k, v in g.items():
         if k not in ("image", "text_mask"):

@@ -186,21 +186,38 @@ class Checkpointer:
           f"({len(shapes_by_name(saved['opt_state']))} arrays) does not fit this run's "
           f"optimizer ({len(shapes_by_name(target.opt_state))} arrays): did optim.* or "
           f"finetune.* change since it was written?")
-    state = self._read_state(step, jax.tree.map(ocp.utils.to_shape_dtype_struct, target))
+    stats = shapes_by_name(saved.get("batch_stats", {}))
+    problems = tree_mismatch(stats, shapes_by_name(target.batch_stats))
+    if problems:
+      raise CheckpointMismatch(f"checkpoint {self.directory}/{step} has params that fit, but "
+                               f"not this model's BatchNorm statistics:\n{problems}")
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+    if "batch_stats" in saved:
+      state = self._read_state(step, abstract)
+    else:   # written before the state held BatchNorm statistics: the model has none
+      fields = ("step", "params", "opt_state", "rng")
+      state = target.replace(**self._read_state(step, {k: getattr(abstract, k) for k in fields}))
     if base:
       state = state.replace(params=fill_params(state.params, self._base_params(step, base),
                                                full.params))
     return state, data, step
 
   def read_params(self, step: int | None = None) -> tuple[dict, int]:
-    """(params as saved, step) without a target: no model, optimizer or tokenizer is
-    built. Delta checkpoints come back whole, read through `base_loader`."""
+    """(params as saved, step); see `read_variables`."""
+    params, _, step = self.read_variables(step)
+    return params, step
+
+  def read_variables(self, step: int | None = None) -> tuple[dict, dict, int]:
+    """(params, BatchNorm statistics ({} when none), step) as saved, without a target:
+    no model, optimizer or tokenizer is built. Delta checkpoints come back whole, read
+    through `base_loader`."""
     def read(s):
       data = self.data_of(s)
-      params = self._read_state(s, None)["params"]
+      state = self._read_state(s, None)
+      params = state["params"]
       if data.get("base"):
         params = fill_params(params, self._base_params(s, data["base"]))
-      return params, s
+      return params, state.get("batch_stats") or {}, s
     return self._first_readable(step, read)
 
   def data_of(self, step: int) -> dict:

@@ -23,8 +23,8 @@ from safetensors.numpy import load_file, save_file
 from mmjax.io import hf_config, hf_params
 from mmjax.io.hf_tokenizer import hf_tokenizer
 from mmjax.io.jsonfile import read_json
-from mmjax.io.preprocess import ImagePreprocess
-from mmjax.models import build_model
+from mmjax.io.preprocess import IMAGENET_MEAN, IMAGENET_STD, ImagePreprocess
+from mmjax.models import build_model, variables
 from mmjax.models.lora import merge_lora
 
 log = logging.getLogger("mmjax")
@@ -35,10 +35,10 @@ class Pretrained:
   """What `from_pretrained` returns. Use it as
 
     emb, out = p.model.apply({"params": p.params}, ids, mask, method="encode_text")
-    emb, out = p.model.apply({"params": p.params}, p.preprocess.batch(images),
-                             method="encode_image")
+    emb, out = p.model.apply(p.variables, p.preprocess.batch(images), method="encode_image")
 
-  `out` holds "tokens", "pooled" and, with a head, "logits".
+  `out` holds "tokens", "pooled" and, with a head, "logits". `p.variables` is the params
+  with BatchNorm's running statistics (a ResNet's), which `apply` needs too.
   """
   architecture: str                     # the HF architecture, e.g. "CLIPModel"
   config: ml_collections.ConfigDict     # {"data": ..., "model": ...} for build_model
@@ -47,6 +47,11 @@ class Pretrained:
   tokenizer: Any | None                 # mmjax Tokenizer (None if the directory has none)
   preprocess: ImagePreprocess | None    # the checkpoint's image transform (image models)
   hf_config: dict                       # the original config.json
+  batch_stats: dict = dataclasses.field(default_factory=dict)   # BatchNorm's; {} if none
+
+  @property
+  def variables(self) -> dict:
+    return variables(self.params, self.batch_stats)
 
 
 def init_inputs(config) -> tuple[tuple, str | None]:
@@ -61,10 +66,25 @@ def init_inputs(config) -> tuple[tuple, str | None]:
   return (ids, np.ones_like(ids)), "encode_text"
 
 
-def init_params(model, config, rng=None) -> dict:
+def init_variables(model, config, rng=None) -> dict:
+  """A fresh model's params, with its BatchNorm statistics under "batch_stats" when it
+  has any: the tree `hf_params.import_params` reads and writes."""
   args, method = init_inputs(config)
   rng = jax.random.PRNGKey(0) if rng is None else rng
-  return model.init({"params": rng}, *args, method=method)["params"]
+  got = model.init({"params": rng}, *args, method=method)
+  stats = got.get("batch_stats")
+  return dict(got["params"], batch_stats=stats) if stats else dict(got["params"])
+
+
+def init_params(model, config, rng=None) -> dict:
+  return _split(init_variables(model, config, rng))[0]
+
+
+def _split(tree: dict) -> tuple[dict, dict]:
+  """(params, batch_stats) of an `init_variables`-like tree."""
+  tree = dict(tree)
+  stats = tree.pop("batch_stats", {})
+  return tree, stats
 
 
 def _sentence_pooling(directory: pathlib.Path) -> str | None:
@@ -129,6 +149,12 @@ def load_params(path, config, *, allow_missing: str = "", ignore: str = "") -> d
   all. allow_missing: regex of mmjax param paths (a new head, a fusion) initialised
   fresh instead; ignore: regex of HF tensor names to leave unused.
   """
+  return load_variables(path, config, allow_missing=allow_missing, ignore=ignore)[0]
+
+
+def load_variables(path, config, *, allow_missing: str = "", ignore: str = ""
+                   ) -> tuple[dict, dict]:
+  """(params, BatchNorm statistics ({} when none)) of `load_params`."""
   directory = pathlib.Path(path).expanduser()
   arch = hf_config.architecture(read_config(directory))
   tensors = _tensors(directory)
@@ -137,13 +163,13 @@ def load_params(path, config, *, allow_missing: str = "", ignore: str = "") -> d
   model = build_model(config)
   init = None
   if allow_missing:
-    init = expected = init_params(model, config)
+    init = expected = init_variables(model, config)
   else:
-    expected = jax.eval_shape(lambda: init_params(model, config))
-  params = hf_params.import_params(tensors, arch, config, expected, init=init,
-                                   allow_missing=allow_missing, ignore=ignore,
-                                   source=str(directory / "model.safetensors"))
-  return jax.tree.map(jnp.asarray, params)
+    expected = jax.eval_shape(lambda: init_variables(model, config))
+  imported = hf_params.import_params(tensors, arch, config, expected, init=init,
+                                     allow_missing=allow_missing, ignore=ignore,
+                                     source=str(directory / "model.safetensors"))
+  return _split(jax.tree.map(jnp.asarray, imported))
 
 
 def pretrained_config(path, *, image_size: int = 0, max_len: int = 0
@@ -189,13 +215,19 @@ def from_pretrained(path, *, image_size: int = 0, max_len: int = 0, allow_missin
     raise hf_config.UnsupportedModel(
         f"{directory}: the tokenizer has {tokenizer.vocab_size} tokens but the model's "
         f"embedding table only {config.model.text.vocab_size}")
-  params = load_params(directory, config, allow_missing=allow_missing, ignore=ignore)
-  return Pretrained(arch, config, build_model(config), params, tokenizer, preprocess, hf)
+  params, stats = load_variables(directory, config, allow_missing=allow_missing, ignore=ignore)
+  return Pretrained(arch, config, build_model(config), params, tokenizer, preprocess, hf, stats)
 
 
 def _default_preprocess(arch: str, config) -> ImagePreprocess:
-  """The transformers default processor of `arch` at the model's resolution."""
+  """The transformers default processor of `arch` at the model's resolution; a ResNet's
+  is microsoft/resnet-50's (resize to s / 0.875, center crop s, bicubic, ImageNet
+  mean/std)."""
   s = config.data.image_size
+  if arch.startswith("ResNet"):
+    return ImagePreprocess.from_hf(dict(
+        image_processor_type="ConvNextImageProcessor", size={"shortest_edge": s},
+        crop_pct=0.875, resample=3, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD))
   kind = "CLIPImageProcessor" if arch == "CLIPModel" else "ViTImageProcessor"
   size = {"shortest_edge": s} if arch == "CLIPModel" else {"height": s, "width": s}
   return ImagePreprocess.from_hf(dict(image_processor_type=kind, size=size, crop_size=s))
@@ -218,14 +250,17 @@ def merge_peft(config, params):
 
 
 def save_pretrained(directory, config, params, *, hf_config_base: dict | None = None,
-                    tokenizer=None, preprocess: ImagePreprocess | None = None) -> pathlib.Path:
+                    tokenizer=None, preprocess: ImagePreprocess | None = None,
+                    batch_stats: dict | None = None) -> pathlib.Path:
   """Write config.json + model.safetensors (+ tokenizer.json, preprocessor_config.json)
-  that transformers loads as the HF architecture `config.model` expresses."""
+  that transformers loads as the HF architecture `config.model` expresses; a model with
+  BatchNorm needs its `batch_stats` (running_mean / running_var)."""
   config, params = merge_peft(config, params)
   directory = pathlib.Path(directory)
   directory.mkdir(parents=True, exist_ok=True)
   hf = hf_config.to_hf(config, hf_config_base)
-  tensors = hf_params.export_params(params, hf["architectures"][0], config)
+  tree = dict(params, batch_stats=batch_stats) if batch_stats else params
+  tensors = hf_params.export_params(tree, hf["architectures"][0], config)
   save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
   (directory / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
   if tokenizer is not None:

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import ml_collections
 
+from mmjax.models.registry import resnet_size
+
 SUPPORTED = ("CLIPModel", "ViTModel", "ViTForImageClassification", "BertModel",
-             "BertForMaskedLM", "GPT2LMHeadModel")
+             "BertForMaskedLM", "GPT2LMHeadModel", "ResNetModel", "ResNetForImageClassification")
 _BY_MODEL_TYPE = {"clip": "CLIPModel", "vit": "ViTModel", "bert": "BertModel",
-                  "gpt2": "GPT2LMHeadModel"}
+                  "gpt2": "GPT2LMHeadModel", "resnet": "ResNetModel"}
 
 ACT_FROM_HF = {"gelu": "gelu", "quick_gelu": "quick_gelu", "gelu_new": "gelu_tanh",
                "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
@@ -35,6 +37,10 @@ _BERT = dict(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attent
 _GPT2 = dict(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12, n_inner=None,
              activation_function="gelu_new", layer_norm_epsilon=1e-5, scale_attn_weights=True,
              scale_attn_by_inverse_layer_idx=False, add_cross_attention=False)
+_RESNET = dict(num_channels=3, embedding_size=64, hidden_sizes=(256, 512, 1024, 2048),
+               depths=(3, 4, 6, 3), layer_type="bottleneck", hidden_act="relu",
+               downsample_in_first_stage=False, downsample_in_bottleneck=False)
+RESNET_IMAGE_SIZE = 224   # HF ResNet configs state none; its image processors crop to 224
 
 
 class UnsupportedModel(ValueError):
@@ -97,10 +103,23 @@ def to_mmjax(hf: dict, *, pooler: bool = False, text_pool: str | None = None,
       raise UnsupportedModel("ViT with qkv_bias=False or num_channels != 3 is not supported")
     head = 0
     if arch == "ViTForImageClassification":
-      head = len(v.get("id2label") or {}) or v.get("num_labels", 2)
+      head = _num_labels(v)
     model["image"] = _tower(v, *_BERT_NAMES, "config", patch=v["patch_size"], pool="cls",
                             posemb_cls=True, pooler=pooler, num_classes=head)
     data["image_size"] = v["image_size"]
+  elif arch.startswith("ResNet"):
+    r = {**_RESNET, **hf}
+    if (r["num_channels"] != 3 or r["hidden_act"] != "relu" or r["downsample_in_first_stage"]
+        or r["downsample_in_bottleneck"]):
+      raise UnsupportedModel("ResNet with num_channels != 3, hidden_act != 'relu', "
+                             "downsample_in_first_stage or downsample_in_bottleneck (v1) is "
+                             "not supported")
+    head = _num_labels(r) if arch == "ResNetForImageClassification" else 0
+    model["image"] = dict(type="resnet", variant="", norm="batch", width=r["embedding_size"],
+                          groups=32, pool="gap", block=r["layer_type"],
+                          depths=tuple(r["depths"]), widths=tuple(r["hidden_sizes"]),
+                          num_classes=head)
+    data["image_size"] = RESNET_IMAGE_SIZE
   elif arch.startswith("Bert"):
     b = {**_BERT, **hf}
     if b["position_embedding_type"] != "absolute" or b.get("is_decoder"):
@@ -125,12 +144,24 @@ def to_mmjax(hf: dict, *, pooler: bool = False, text_pool: str | None = None,
   if "image" in model:
     stored = data["image_size"]
     data["image_size"] = image_size or stored
-    if data["image_size"] % model["image"]["patch"]:
+    if "patch" in model["image"] and data["image_size"] % model["image"]["patch"]:
       raise UnsupportedModel(f"image_size={data['image_size']} is not a multiple of the "
                              f"patch size {model['image']['patch']}")
   if "text" in model and text_max_len:
     data["max_len"] = min(text_max_len, model["text"]["max_len"])
   return ml_collections.ConfigDict({"data": data, "model": model})
+
+
+def _num_labels(hf: dict) -> int:
+  return len(hf.get("id2label") or {}) or hf.get("num_labels", 2)
+
+
+def _labels(hf: dict, n: int) -> dict:
+  """id2label / label2id for `n` classes: the base config's when it has `n`."""
+  labels = hf.get("id2label") or {}
+  if len(labels) != n:
+    labels = {str(i): f"LABEL_{i}" for i in range(n)}
+  return dict(id2label=labels, label2id={v: int(k) for k, v in labels.items()})
 
 
 def _need(tower, where: str, **want) -> None:
@@ -150,6 +181,14 @@ def hf_architecture(model: ml_collections.ConfigDict) -> str:
   image, text = model.get("image"), model.get("text")
   if model.get("fusion"):
     raise UnsupportedModel("models with a fusion Transformer have no Hugging Face equivalent")
+  if image and image.get("type", "vit") == "resnet":
+    if text:
+      raise UnsupportedModel("a ResNet image tower with a text tower has no Hugging Face "
+                             "equivalent (CLIPModel's image tower is a ViT)")
+    if image.get("norm", "batch") != "batch":
+      raise UnsupportedModel(f"model.image.norm={image.norm!r}: Hugging Face's ResNet has "
+                             f"BatchNorm ('batch')")
+    return "ResNetForImageClassification" if image.get("num_classes") else "ResNetModel"
   if image and text:
     _need(image, "model.image", pool="cls", pre_norm=True, patch_bias=False, posemb_cls=True,
           final_norm="pooled", pooler=False, num_classes=0)
@@ -202,10 +241,15 @@ def to_hf(config: ml_collections.ConfigDict, base: dict | None = None) -> dict:
     hf.update(model_type="vit", **sizes(m.image, *_BERT_NAMES), image_size=config.data.image_size,
               patch_size=m.image.patch, num_channels=3, qkv_bias=True)
     if m.image.get("num_classes"):
-      labels = hf.get("id2label") or {}
-      if len(labels) != m.image.num_classes:
-        labels = {str(i): f"LABEL_{i}" for i in range(m.image.num_classes)}
-      hf.update(id2label=labels, label2id={v: int(k) for k, v in labels.items()})
+      hf.update(_labels(hf, m.image.num_classes))
+  elif arch.startswith("ResNet"):
+    size = resnet_size(m.image)
+    hf.update(model_type="resnet", num_channels=3, embedding_size=size["stem_width"],
+              hidden_sizes=list(size["widths"]), depths=list(size["depths"]),
+              layer_type="bottleneck" if size["bottleneck"] else "basic", hidden_act="relu",
+              downsample_in_first_stage=False, downsample_in_bottleneck=False)
+    if m.image.get("num_classes"):
+      hf.update(_labels(hf, m.image.num_classes))
   elif arch.startswith("Bert"):
     hf.update(model_type="bert", **sizes(m.text, *_BERT_NAMES), vocab_size=m.text.vocab_size,
               max_position_embeddings=m.text.get("max_len", 0) or config.data.max_len,

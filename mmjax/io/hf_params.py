@@ -9,6 +9,12 @@ query/kernel") to one HF tensor, and `how` says how its layout differs:
   lead<k>  the mmjax array has k extra leading axes of size 1 (CLIP's class embedding)
   split<i>/<n>  the i-th of n equal slices of the HF tensor's last axis (GPT-2's c_attn)
   zero     no HF tensor; the mmjax param must be 0 (CLIP has no logit bias)
+  count    no mmjax param; torch BatchNorm's num_batches_tracked, unused on import and
+           exported as 0 (a momentum BatchNorm never reads it)
+
+BatchNorm's running statistics are not params: rules name them "batch_stats/<module
+path>/mean" (and /var), and the trees `import_params` takes and returns hold them
+under a top-level "batch_stats" key.
 
 The rules are built from the mmjax model config, so loading into a model of
 another shape reports every missing, unexpected and mis-shaped tensor at once.
@@ -21,6 +27,7 @@ from typing import NamedTuple
 import numpy as np
 from flax import traverse_util
 
+from mmjax.models.registry import resnet_size
 from mmjax.models.vit import resample_posemb
 from mmjax.io.trees import CheckpointMismatch
 
@@ -28,11 +35,11 @@ from mmjax.io.trees import CheckpointMismatch
 IGNORED = re.compile(r"(position_ids|token_type_ids|\.attn\.bias|\.attn\.masked_bias)$")
 # Where an architecture keeps its encoder; the checkpoint may or may not use it.
 PREFIX = {"ViTForImageClassification": "vit.", "BertForMaskedLM": "bert.",
-          "GPT2LMHeadModel": "transformer."}
+          "GPT2LMHeadModel": "transformer.", "ResNetForImageClassification": "resnet."}
 
 
 class Rule(NamedTuple):
-  mm: str
+  mm: str | None
   hf: str | None
   how: str = "same"
 
@@ -93,25 +100,62 @@ def _blocks(mm: str, hf: str, depth: int, family: str) -> list[Rule]:
   return rules
 
 
+def _conv_norm(mm: str, hf: str) -> list[Rule]:
+  """A ResNet ConvNorm <-> HF's ResNetConvLayer / ResNetShortCut (conv + BatchNorm)."""
+  n = f"{hf}.normalization"
+  return [Rule(f"{mm}/conv/kernel", f"{hf}.convolution.weight", "conv"),
+          *_norm(f"{mm}/norm", n),
+          Rule(f"batch_stats/{mm}/norm/mean", f"{n}.running_mean"),
+          Rule(f"batch_stats/{mm}/norm/var", f"{n}.running_var"),
+          Rule(None, f"{n}.num_batches_tracked", "count")]
+
+
+def _resnet(p: str, image) -> list[Rule]:
+  """HF ResNet: stage s's block j is mmjax's stage_s/block_<blocks before it + j>."""
+  size = resnet_size(image)
+  i = "image_tower"
+  r = _conv_norm(f"{i}/stem", f"{p}embedder.embedder")
+  first = 0
+  for s, depth in enumerate(size["depths"]):
+    for j in range(depth):
+      mm, h = f"{i}/stage_{s}/block_{first + j}", f"{p}encoder.stages.{s}.layers.{j}"
+      for k in range(3 if size["bottleneck"] else 2):
+        r += _conv_norm(f"{mm}/conv{k + 1}", f"{h}.layer.{k}")
+      # A shortcut conv where the shape changes: every stage's first block but the
+      # first stage's, unless that one also changes the stem's width (bottlenecks).
+      if j == 0 and (s > 0 or size["widths"][0] != size["stem_width"]):
+        r += _conv_norm(f"{mm}/shortcut", f"{h}.shortcut")
+    first += depth
+  if image.get("num_classes"):
+    r += _dense(f"{i}/head", "classifier.1")
+  return r
+
+
 def rules(arch: str, model, prefix: str | None = None) -> tuple[list[Rule], dict[str, str]]:
   """(rules, tied) for `arch` and an mmjax `config.model`. `tied` maps HF tensors that
   transformers ties to another (and may or may not save) to that other tensor."""
   p = PREFIX.get(arch, "") if prefix is None else prefix
   if arch == "CLIPModel":
     v, t, i, x = "vision_model.", "text_model.", "image_tower", "text_tower"
-    r = [Rule(f"{i}/patch_embed/kernel", f"{v}embeddings.patch_embedding.weight", "conv"),
-         Rule(f"{i}/cls", f"{v}embeddings.class_embedding", "lead2"),
-         Rule(f"{i}/posemb", f"{v}embeddings.position_embedding.weight", "lead1"),
-         *_norm(f"{i}/ln_pre", f"{v}pre_layrnorm"),
-         *_blocks(i, f"{v}encoder.layers.", model.image.depth, "clip"),
-         *_norm(f"{i}/ln_post", f"{v}post_layernorm"),
-         Rule(f"{x}/token_embed/embedding", f"{t}embeddings.token_embedding.weight"),
-         Rule(f"{x}/posemb", f"{t}embeddings.position_embedding.weight", "lead1"),
-         *_blocks(x, f"{t}encoder.layers.", model.text.depth, "clip"),
-         *_norm(f"{x}/encoder/ln_final", f"{t}final_layer_norm"),
-         Rule("image_proj/kernel", "visual_projection.weight", "T"),
-         Rule("text_proj/kernel", "text_projection.weight", "T"),
-         Rule("logit_scale", "logit_scale"), Rule("logit_bias", None, "zero")]
+    # One tower of a CLIP (an image or a text classifier started from it) takes that
+    # tower's rules only; its config's init.ignore names the other side's tensors.
+    r = []
+    if model.get("image"):
+      r += [Rule(f"{i}/patch_embed/kernel", f"{v}embeddings.patch_embedding.weight", "conv"),
+            Rule(f"{i}/cls", f"{v}embeddings.class_embedding", "lead2"),
+            Rule(f"{i}/posemb", f"{v}embeddings.position_embedding.weight", "lead1"),
+            *_norm(f"{i}/ln_pre", f"{v}pre_layrnorm"),
+            *_blocks(i, f"{v}encoder.layers.", model.image.depth, "clip"),
+            *_norm(f"{i}/ln_post", f"{v}post_layernorm")]
+    if model.get("text"):
+      r += [Rule(f"{x}/token_embed/embedding", f"{t}embeddings.token_embedding.weight"),
+            Rule(f"{x}/posemb", f"{t}embeddings.position_embedding.weight", "lead1"),
+            *_blocks(x, f"{t}encoder.layers.", model.text.depth, "clip"),
+            *_norm(f"{x}/encoder/ln_final", f"{t}final_layer_norm")]
+    if model.get("embed_dim"):
+      r += [Rule("image_proj/kernel", "visual_projection.weight", "T"),
+            Rule("text_proj/kernel", "text_projection.weight", "T"),
+            Rule("logit_scale", "logit_scale"), Rule("logit_bias", None, "zero")]
     return r, {}
   if arch.startswith("ViT"):
     i, c = "image_tower", model.image
@@ -125,6 +169,8 @@ def rules(arch: str, model, prefix: str | None = None) -> tuple[list[Rule], dict
     if c.get("num_classes"):
       r += _dense(f"{i}/head", "classifier")
     return r, {}
+  if arch.startswith("ResNet"):
+    return _resnet(p, model.image), {}
   x, c = "text_tower", model.text
   if arch.startswith("Bert"):
     e = f"{p}embeddings."
@@ -156,12 +202,12 @@ def detect_prefix(arch: str, keys) -> str:
   """The encoder prefix this checkpoint uses ("bert." for BertForMaskedLM files, "" for
   BertModel files; either may be loaded as either)."""
   probe = {"Bert": "embeddings.word_embeddings.weight", "ViT": "embeddings.cls_token",
-           "GPT2": "wte.weight"}
+           "GPT2": "wte.weight", "ResNet": "embedder.embedder.convolution.weight"}
   family = next((f for f in probe if arch.startswith(f)), None)
   if family is None:
     return ""
-  for p in (PREFIX.get(arch, ""), {"Bert": "bert.", "ViT": "vit.", "GPT2": "transformer."}[family],
-            ""):
+  prefixes = {"Bert": "bert.", "ViT": "vit.", "GPT2": "transformer.", "ResNet": "resnet."}
+  for p in (PREFIX.get(arch, ""), prefixes[family], ""):
     if p + probe[family] in keys:
       return p
   return PREFIX.get(arch, "")
@@ -201,7 +247,8 @@ def import_params(tensors: dict[str, np.ndarray], arch: str, config, expected,
                   source: str = "checkpoint") -> dict:
   """HF `tensors` -> mmjax params (nested dict of float32 numpy) for `config`.
 
-  expected: the model's params (arrays or ShapeDtypeStructs), nested like the result.
+  expected: the model's params (arrays or ShapeDtypeStructs), nested like the result
+    (BatchNorm statistics under "batch_stats", see the module doc).
   allow_missing: regex on mmjax param paths that may be absent from the checkpoint
     (a new task head); those take their value from `init`.
   ignore: regex on HF tensor names to leave unused (a head this model does not have).
@@ -214,6 +261,9 @@ def import_params(tensors: dict[str, np.ndarray], arch: str, config, expected,
   out, used, missing, misshaped = {}, set(), [], []
   reported = set()      # mmjax paths whose HF tensor is already listed as missing/mis-shaped
   for r in rule_list:
+    if r.how == "count":
+      used.add(r.hf)
+      continue
     if r.mm not in want:
       missing.append(f"{r.mm} (the model has no such param for {r.hf})")
       continue
@@ -257,12 +307,16 @@ def import_params(tensors: dict[str, np.ndarray], arch: str, config, expected,
 
 
 def export_params(params, arch: str, config) -> dict[str, np.ndarray]:
-  """mmjax params -> HF tensors (float32, contiguous), the keys transformers saves."""
+  """mmjax params (+ "batch_stats", see the module doc) -> HF tensors (float32, but
+  num_batches_tracked's int64; contiguous), the keys transformers saves."""
   flat = {k: np.asarray(v, np.float32) for k, v in
           traverse_util.flatten_dict(params, sep="/").items()}
   rule_list, _ = rules(arch, config.model)
   out, parts = {}, {}
   for r in rule_list:
+    if r.how == "count":
+      out[r.hf] = np.zeros((), np.int64)
+      continue
     if r.mm not in flat:
       raise KeyError(f"the params have no {r.mm}, which {arch} needs for {r.hf}")
     if r.how == "zero":

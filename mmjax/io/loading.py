@@ -3,7 +3,7 @@
   loaded = mmjax.io.load("runs/a")            # an mmjax workdir (latest step)
   loaded = mmjax.io.load("hf/clip-vit-b32")   # a local Hugging Face directory
   model = loaded.model()
-  emb, _ = model.apply({"params": loaded.params}, loaded.preprocess.batch(images),
+  emb, _ = model.apply(loaded.variables, loaded.preprocess.batch(images),
                        method="encode_image")
 
 Fine-tune inits, `init.towers`, distillation teachers, `mmjax eval`, `mmjax
@@ -25,8 +25,7 @@ from mmjax.io import hf, workdir
 from mmjax.io.checkpointer import Checkpointer
 from mmjax.io.preprocess import ImagePreprocess
 from mmjax.io.trees import CheckpointMismatch, flat, unflat
-from mmjax.models import build_model
-
+from mmjax.models import build_model, variables
 
 
 @dataclasses.dataclass
@@ -40,6 +39,12 @@ class Loaded:
   tokenizer: Tokenizer | None
   preprocess: ImagePreprocess | None   # image -> model input, as the model was trained
   hf_config: dict | None = None        # the HF config.json (HF dirs, converted workdirs)
+  batch_stats: dict = dataclasses.field(default_factory=dict)   # BatchNorm's; {} if none
+
+  @property
+  def variables(self) -> dict:
+    """What `model.apply` takes: the params (+ batch_stats)."""
+    return variables(self.params, self.batch_stats)
 
   def model(self):
     """The Flax module of `config`; a workdir's is sized by its tokenizer where the config
@@ -118,11 +123,11 @@ def load(path, step: int | None = None, *, config: ml_collections.ConfigDict | N
   if kind == "hf":
     return _load_hf(path, config, new, ignore, params)
   run_config = workdir.run_config_of(path)
-  weights, got_step = None, step
+  weights, stats, got_step = None, {}, step
   if params:
     ckpt = Checkpointer(path, keep=1, read_only=True, base_loader=base_params)
     try:
-      weights, got_step = ckpt.read_params(step)
+      weights, stats, got_step = ckpt.read_variables(step)
     finally:
       ckpt.close()
     if ignore:
@@ -130,25 +135,26 @@ def load(path, step: int | None = None, *, config: ml_collections.ConfigDict | N
       weights = unflat({k: v for k, v in flat(weights).items() if not skip.search(k)})
   preprocess = data_preprocess(run_config.data) if run_config.model.get("image") else None
   return Loaded(path, kind, run_config, weights, got_step, workdir_tokenizer(path, run_config),
-                preprocess, workdir.hf_config_of(path))
+                preprocess, workdir.hf_config_of(path), stats)
 
 
 def _load_hf(path: pathlib.Path, config, new: str, ignore: str, params: bool) -> Loaded:
   if params and config is None:   # the directory's own model: all of from_pretrained's checks
     p = hf.from_pretrained(path, ignore=ignore)
-    return Loaded(path, "hf", p.config, p.params, None, p.tokenizer, p.preprocess, p.hf_config)
+    return Loaded(path, "hf", p.config, p.params, None, p.tokenizer, p.preprocess, p.hf_config,
+                  p.batch_stats)
   model_config, preprocess = hf.pretrained_config(path)
-  weights = None
+  weights, stats = None, {}
   if params:
     # Into another model (a fine-tune's): the importer checks keys and shapes itself;
     # params matching `new` come back freshly initialised and are dropped, so the caller's
     # own init is used.
     fresh = re.compile(new) if new else None
-    imported = hf.load_params(path, config, allow_missing=new, ignore=ignore)
+    imported, stats = hf.load_variables(path, config, allow_missing=new, ignore=ignore)
     weights = unflat({k: v for k, v in flat(imported).items()
                       if not (fresh and fresh.search(k))})
   return Loaded(path, "hf", model_config, weights, None, hf.hf_tokenizer(path), preprocess,
-                hf.read_config(path))
+                hf.read_config(path), stats)
 
 
 def base_params(base: dict, config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:

@@ -1,4 +1,4 @@
-"""A Hugging Face image processor's transform (CLIP, ViT) on numpy and PIL.
+"""A Hugging Face image processor's transform (CLIP, ViT, ConvNeXT/ResNet) on numpy and PIL.
 
 The same steps in the same order and precision as transformers' PIL backend:
 RGB conversion, PIL resize of the uint8 image (shortest side or fixed size, the
@@ -18,6 +18,8 @@ from mmjax.io.jsonfile import read_json
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 HALF = (0.5, 0.5, 0.5)
 
 # transformers' defaults per processor class, for keys a preprocessor_config.json leaves out.
@@ -28,6 +30,12 @@ _DEFAULTS = {
     "ViTImageProcessor": dict(size={"height": 224, "width": 224}, resample=2,
                               do_center_crop=False, crop_size=224, image_mean=HALF,
                               image_std=HALF, square=True),
+    # ResNet checkpoints' processor. Its resize crops by itself: a shortest edge s < 384
+    # is resized to int(s / crop_pct) and center-cropped to s x s; s >= 384 is warped to
+    # s x s.
+    "ConvNextImageProcessor": dict(size={"shortest_edge": 384}, resample=3,
+                                   do_center_crop=False, crop_size=224, crop_pct=224 / 256,
+                                   image_mean=HALF, image_std=HALF, square=False),
 }
 
 
@@ -42,9 +50,11 @@ class ImagePreprocess:
 
   @classmethod
   def from_hf(cls, cfg: dict) -> "ImagePreprocess":
-    """From a preprocessor_config.json dict (CLIPImageProcessor or ViTImageProcessor)."""
-    kind = cfg.get("image_processor_type", "CLIPImageProcessor").removesuffix("Fast")
-    kind = kind.removesuffix("Pil")
+    """From a preprocessor_config.json dict (CLIPImageProcessor, ViTImageProcessor or
+    ConvNextImageProcessor; older files name a feature extractor instead)."""
+    kind = (cfg.get("image_processor_type") or cfg.get("feature_extractor_type", "").replace(
+        "FeatureExtractor", "ImageProcessor") or "CLIPImageProcessor")
+    kind = kind.removesuffix("Fast").removesuffix("Pil")
     if kind not in _DEFAULTS:
       raise ValueError(f"image processor {kind!r} is not supported; mmjax has {sorted(_DEFAULTS)}")
     c = {**_DEFAULTS[kind], **{k: v for k, v in cfg.items() if v is not None}}
@@ -63,6 +73,13 @@ class ImagePreprocess:
     if c["do_center_crop"]:
       crop = c["crop_size"]
       crop = (crop, crop) if isinstance(crop, int) else (crop["height"], crop["width"])
+    if kind == "ConvNextImageProcessor" and resize is not None:
+      if crop is not None:
+        raise ValueError("ConvNextImageProcessor with do_center_crop is not supported")
+      if resize < 384:
+        resize, crop = int(resize / c["crop_pct"]), (resize, resize)
+      else:
+        resize = (resize, resize)
     return cls(resize=resize, crop=crop, resample=int(c["resample"]),
                rescale=c.get("rescale_factor", 1 / 255) if c.get("do_rescale", True) else None,
                mean=tuple(c["image_mean"]) if c.get("do_normalize", True) else None,

@@ -4,6 +4,8 @@
   <workdir>/checkpoints/N    Orbax steps (mmjax.io.checkpointer)
   <workdir>/tokenizer.json   the tokenizer the run used
   <workdir>/hf_config.json   the original HF config of a converted checkpoint (for export)
+  <workdir>/label_names.json {label field: [class name, ...]} of the train split, in id
+                             order (what a classifier's logits mean)
 
 `write_workdir` lays out a converted checkpoint as `mmjax train` would have at
 step 0, plus config.py (so `--config DIR/config.py` works); `mmjax train` on the
@@ -87,3 +89,20 @@ def hf_config_of(workdir) -> dict | None:
   path = pathlib.Path(workdir) / "hf_config.json"
   return read_json(path, "the Hugging Face config.json of the converted model") \
       if path.is_file() else None
+
+
+LABEL_NAMES = "label_names.json"
+
+
+def write_label_names(workdir, label_names: dict) -> None:
+  """The train split's class names per label field, so a reader of the workdir (the
+  classification report, a server) can name a class id without the data."""
+  if label_names:
+    path = pathlib.Path(workdir) / LABEL_NAMES
+    path.write_text(json.dumps({k: list(v) for k, v in label_names.items()}, indent=1) + "\n")
+
+
+def label_names_of(workdir) -> dict[str, list[str]]:
+  """What `write_label_names` wrote; {} for a workdir without it."""
+  path = pathlib.Path(workdir) / LABEL_NAMES
+  return read_json(path, "the class names of the run") if path.is_file() else {}

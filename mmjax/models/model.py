@@ -64,6 +64,12 @@ def in_slices(tower: nn.Module, n: int, *inputs: jax.Array, train: bool) -> dict
   return jax.tree.map(lambda *xs: jnp.concatenate(xs), *outs)
 
 
+def variables(params, batch_stats=None) -> dict:
+  """What `model.apply` takes: the params, and BatchNorm's running statistics (the
+  "batch_stats" collection) when the model has any ({} or None: none)."""
+  return {"params": params, "batch_stats": batch_stats} if batch_stats else {"params": params}
+
+
 # model.classifier.input -> the towers it reads ("text_tokens": one prediction per token).
 CLASSIFIER_INPUTS = {"image": ("image",), "text": ("text",), "text_tokens": ("text",),
                      "fusion": ("image", "text", "fusion")}

@@ -2,6 +2,7 @@
 
 A tower's `variant` is "<size>[/<patch>]" (e.g. "B/16", "mu/4"); any of
 width/depth/heads/mlp_dim set to a non-zero value in the config overrides the size.
+An image tower with `type="resnet"` is a ResNet instead (`resnet_size`).
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import ml_collections
 from mmjax.models.fusion import Fusion
 from mmjax.models.layers import Peft
 from mmjax.models.model import CLASSIFIER_INPUTS, MultimodalModel
+from mmjax.models.resnet import ResNet
 from mmjax.models.text import TextEncoder
 from mmjax.models.vit import ViT
 
@@ -29,6 +31,12 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # defaults); the Hugging Face converter uses them to express CLIP, ViT, BERT, GPT-2.
 IMAGE_OPTIONS = ("ln_eps", "patch_bias", "posemb_cls", "final_norm", "pooler", "num_classes")
 TEXT_OPTIONS = ("ln_eps", "type_vocab", "embed_norm", "post_norm", "pooler", "head")
+# ResNet variant -> (block, blocks per stage).
+RESNETS: dict[str, tuple[str, tuple[int, ...]]] = {
+    "18": ("basic", (2, 2, 2, 2)),
+    "26": ("bottleneck", (2, 2, 2, 2)),
+    "50": ("bottleneck", (3, 4, 6, 3)),
+}
 
 
 def _options(cfg, names) -> dict:
@@ -56,6 +64,44 @@ def tower_size(cfg) -> dict[str, int]:
   return size
 
 
+def resnet_size(cfg) -> dict:
+  """A ResNet tower config's `variant` ("50" or "resnet50") and stem `width` (default 64)
+  resolved to ResNet fields; explicit `block`, `depths` and `widths` (stage output
+  channels, what a Hugging Face import sets) override them. Stage widths double from
+  the stem's (x4 at the output of bottleneck stages), as in He et al."""
+  name = str(cfg.get("variant", "")).lower().removeprefix("resnet")
+  if name and name not in RESNETS:
+    raise ValueError(f"unknown ResNet variant {cfg.variant!r}; known: {sorted(RESNETS)}")
+  block, depths = RESNETS.get(name, ("", ()))
+  block, depths = cfg.get("block") or block, tuple(cfg.get("depths") or depths)
+  if block not in ("basic", "bottleneck") or not depths:
+    raise ValueError("a ResNet tower needs a variant ('18', '26', '50') or block "
+                     "('basic' | 'bottleneck') and depths")
+  width = cfg.get("width", 0) or 64
+  expand = 4 if block == "bottleneck" else 1
+  widths = tuple(cfg.get("widths") or (expand * width * 2 ** i for i in range(len(depths))))
+  if len(widths) != len(depths):
+    raise ValueError(f"model.image.widths {widths} and depths {depths} differ in length")
+  return dict(depths=depths, widths=widths, bottleneck=block == "bottleneck", stem_width=width)
+
+
+def _resnet(cfg, dtype) -> ResNet:
+  size = resnet_size(cfg)
+  norm, groups = cfg.get("norm", "batch"), cfg.get("groups", 32)
+  if norm not in ("batch", "group"):
+    raise ValueError(f"model.image.norm={norm!r}: expected 'batch' or 'group'")
+  if cfg.get("pool", "gap") != "gap":
+    raise ValueError(f"model.image.pool={cfg.pool!r}: a ResNet pools by global average ('gap')")
+  channels = [size["stem_width"], *size["widths"]]
+  if size["bottleneck"]:
+    channels += [w // 4 for w in size["widths"]]
+  if norm == "group" and any(c % groups for c in channels):
+    raise ValueError(f"model.image.groups={groups} must divide every conv's channels "
+                     f"{sorted(set(channels))}")
+  return ResNet(**size, norm=norm, groups=groups, num_classes=cfg.get("num_classes", 0),
+                dtype=dtype)
+
+
 def peft_of(config: ml_collections.ConfigDict) -> Peft:
   """LoRA / adapter settings from `config.finetune` (none when it is absent)."""
   ft = config.get("finetune") or {}
@@ -78,7 +124,15 @@ def build_model(config: ml_collections.ConfigDict, vocab_size: int | None = None
   objectives = set(config.get("objectives", {}))
 
   image = None
-  if m.get("image"):
+  kind = m.image.get("type", "vit") if m.get("image") else None
+  if kind == "resnet":
+    image = _resnet(m.image, dtype)
+    if m.get("tower_splits", 1) > 1 and image.norm == "batch":
+      raise ValueError("model.tower_splits > 1 would give BatchNorm the statistics of each "
+                       "slice of the batch; use tower_splits=1 or model.image.norm='group'")
+  elif kind not in (None, "vit"):
+    raise ValueError(f"model.image.type={kind!r}: expected 'vit' or 'resnet'")
+  elif m.get("image"):
     size = tower_size(m.image)
     if "patch" not in size:
       raise ValueError("model.image needs a patch size: variant 'S/16' or model.image.patch")

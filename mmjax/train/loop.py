@@ -27,7 +27,7 @@ from mmjax.evals.embed import Embedder
 from mmjax.io.loading import special_ids
 from mmjax.io.trees import CheckpointMismatch, path_name, shapes_by_name, tree_mismatch
 from mmjax.models import build_model
-from mmjax.train import mixing
+from mmjax.train import epochs, mixing
 from mmjax.train.early_stop import early_stopping
 from mmjax.train.metrics_writer import MetricWriter
 from mmjax.train.optimizer import make_optimizer
@@ -77,14 +77,16 @@ def dummy_batch(config, batch_size: int = 2) -> dict[str, np.ndarray]:
           "text_mask": np.ones((batch_size, length), np.int32)}
 
 
-def _init_params_fn(model, config, rng) -> Callable[[], Any]:
+def _init_variables_fn(model, config, rng) -> Callable[[], dict]:
+  """() -> a fresh model's {"params", "batch_stats"} (batch_stats {} without BatchNorm)."""
   batch = dummy_batch(config)
 
-  def init_params():
+  def init_variables():
     rngs = dict(zip(("params", "dropout", "itm", "mlm"), jax.random.split(rng, 4)))
-    return model.init(rngs, batch, train=False)["params"]
+    got = model.init(rngs, batch, train=False)
+    return {"params": got["params"], "batch_stats": got.get("batch_stats", {})}
 
-  return init_params
+  return init_variables
 
 
 def prepare(config: ml_collections.ConfigDict, training: bool = True
@@ -99,27 +101,55 @@ def prepare(config: ml_collections.ConfigDict, training: bool = True
   return towers_from_init(config)
 
 
+def train_examples(config, sources: mmdata.Sources) -> int:
+  """Examples in an epoch: the train split, or its `data.train_examples` subset."""
+  return config.data.get("train_examples", 0) or len(sources.get(config.data, "train"))
+
+
+def classes_from_data(config, sources: mmdata.Sources) -> ml_collections.ConfigDict:
+  """`config` with `model.classifier.num_classes` = the train split's number of classes
+  when it trains a classifier (objective `classify`) and leaves the count at 0: a
+  config for the user's own folder cannot know it."""
+  classifier = config.model.get("classifier") or {}
+  if "classify" not in config.get("objectives", {}) or classifier.get("num_classes", 0):
+    return config
+  label = config.get("objective_options", {}).get("classify", {}).get("label", "label")
+  names = sources.get(config.data, "train").label_names
+  if label not in names:
+    raise mmdata.DataError(f"objective classify reads label {label!r}, which the train "
+                           f"split does not have (its labels: {sorted(names)}); set "
+                           f"data.label_key or objective_options.classify.label")
+  config = copy.deepcopy(config)
+  with config.unlocked():
+    config.model.classifier = ml_collections.ConfigDict(
+        dict(input=classifier.get("input", "image"), num_classes=len(names[label])))
+  return config
+
+
 def setup(config: ml_collections.ConfigDict, devices=None, *, teacher: bool = True) -> Run:
   """Tokenizer, model, mesh (over `devices`, default all), optimizer, abstract state and
   (with `teacher`) the distillation teacher. `run.config` is `config` with what
   `init.towers` takes from the init checkpoint."""
   config = prepare(config)
   sources = mmdata.Sources()     # one per run: tokenizer, train iterator and evals share it
+  config = epochs.resolve(config, lambda: train_examples(config, sources))
+  config = classes_from_data(config, sources)
   tokenizer = mmdata.get_tokenizer(config.data, sources=sources)
   model = build_model(config, tokenizer.vocab_size, special_ids(tokenizer))
   mesh = parallel.make_mesh(config.get("mesh", {}), devices)
   rules = [tuple(r) for r in config.get("sharding_rules", ())]
   init_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.get("seed", 0)))
-  init_params = _init_params_fn(model, config, init_rng)
-  abstract_params = jax.eval_shape(init_params)
+  init_variables = _init_variables_fn(model, config, init_rng)
+  abstract_params = jax.eval_shape(init_variables)["params"]
   plan = make_plan(config.finetune, abstract_params) if config.get("finetune") else None
   tx, schedule = make_optimizer(config.optim, abstract_params, config.total_steps,
                                 plan.lr_scale if plan else None)
 
   def init_state():
-    params = init_params()
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=tx.init(params), rng=state_rng)
+    fresh = init_variables()
+    return TrainState(step=jnp.zeros((), jnp.int32), params=fresh["params"],
+                      opt_state=tx.init(fresh["params"]), rng=state_rng,
+                      batch_stats=fresh["batch_stats"])
 
   shapes = jax.eval_shape(init_state)
   state_sharding = parallel.shardings(parallel.param_specs(shapes, rules, mesh), mesh)
@@ -155,7 +185,9 @@ def make_step(run: Run, loss_fn=None):
                          trainable=plan.trainable if plan else None,
                          unfreeze_step=plan.unfreeze_step if plan else None,
                          batch_fn=mixing.batch_fn(run.config),
-                         teacher_fn=run.teacher.fn if run.teacher else None)
+                         teacher_fn=run.teacher.fn if run.teacher else None,
+                         stats_from=plan.stats_from(run.abstract.batch_stats)
+                         if plan and run.abstract.batch_stats else None)
   shardings = (run.state_sharding, parallel.batch_sharding(run.mesh))
   if run.teacher is None:
     return jax.jit(step, in_shardings=shardings, out_shardings=(run.state_sharding, None),
@@ -202,6 +234,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
   workdir.mkdir(parents=True, exist_ok=True)   # only once the config has passed its checks
   per_process = c.batch_size // jax.process_count()
   train_source = run.sources.get(c.data, "train")
+  examples = train_examples(c, run.sources)     # in an epoch
   iterator = mmdata.make_iterator(c.data, "train", batch_size=per_process, train=True,
                                   tokenizer=run.tokenizer, source=train_source)
   ckpt = checkpointer(c, workdir)
@@ -217,8 +250,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
   else:
     state = run.state
     if c.get("init") and c.init.get("path"):
-      params, info = load_init(c, jax.device_get(state.params))
-      state = state.replace(params=jax.device_put(params, run.state_sharding.params))
+      params, stats, info = load_init(c, *jax.device_get((state.params, state.batch_stats)))
+      state = state.replace(params=jax.device_put(params, run.state_sharding.params),
+                            batch_stats=jax.device_put(stats, run.state_sharding.batch_stats))
       ckpt.base = delta_base(run.plan, info["base"], c)
   if run.plan is not None:
     n_train, n_all = run.plan.count(state.params)
@@ -230,9 +264,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
     (workdir / "config.json").write_text(c.to_json_best_effort(indent=2))
     if run.tokenizer is not None:
       run.tokenizer.save(workdir)      # readers of the workdir use the run's own tokenizer
+    io.workdir.write_label_names(workdir, train_source.label_names)
 
   def evaluate_now(step, record=True):
-    ctx = EvalContext(c, run.tokenizer, Embedder(run.model, state.params, run.mesh),
+    ctx = EvalContext(c, run.tokenizer,
+                      Embedder(run.model, state.params, run.mesh, state.batch_stats),
                       workdir=workdir, sources=run.sources)
     metrics = run_evals(ctx, c.get("evals", {}))
     if record:
@@ -262,12 +298,14 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
       return
     _check_finite(pending, step, ckpt)
     mean, n, dt = _mean_metrics(pending), len(pending), time.time() - t_log
-    mean.update(steps_per_s=n / dt, images_per_s=n * c.batch_size / dt)
+    mean.update(steps_per_s=n / dt, images_per_s=n * c.batch_size / dt,
+                epoch=epochs.epoch_of(step, c, examples))
     if step > start + n:     # the first window includes compilation
       timing["seconds"] += dt
       timing["steps"] += n
     writer.write(step, mean)
-    bar.set_postfix(loss=f"{mean['loss']:.3f}", steps_s=f"{mean['steps_per_s']:.1f}",
+    bar.set_postfix(epoch=f"{mean['epoch']:.1f}", loss=f"{mean['loss']:.3f}",
+                    steps_s=f"{mean['steps_per_s']:.1f}",
                     img_s=f"{mean['images_per_s']:.0f}")
     pending, t_log = [], time.time()
 
@@ -348,8 +386,9 @@ def restore(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
 def evaluate(config: ml_collections.ConfigDict | None, workdir: str | pathlib.Path,
              step: int | None = None) -> dict[str, float]:
   """Run the evals of `config` (default: the workdir's own config) on the latest
-  readable (or given) checkpoint of `workdir`. Reads params only: no optimizer state,
-  no teacher, and nothing is written but the evaluators' reports."""
+  readable (or given) checkpoint of `workdir`. Reads params (and BatchNorm statistics)
+  only: no optimizer state, no teacher, and nothing is written but the evaluators'
+  reports."""
   if config is None:   # (params=False: nothing touches JAX before `prepare` joins a pod)
     config = io.load(workdir, params=False, what="workdir").config
   config = prepare(config, training=False)
@@ -358,14 +397,17 @@ def evaluate(config: ml_collections.ConfigDict | None, workdir: str | pathlib.Pa
   tokenizer = loaded.tokenizer or mmdata.get_tokenizer(config.data)
   model = build_model(config, tokenizer.vocab_size, special_ids(tokenizer))
   mesh = parallel.make_mesh(config.get("mesh", {}))
-  wanted = jax.eval_shape(_init_params_fn(model, config, jax.random.PRNGKey(0)))  # shapes
-  problems = tree_mismatch(shapes_by_name(loaded.params), shapes_by_name(wanted))
+  wanted = jax.eval_shape(_init_variables_fn(model, config, jax.random.PRNGKey(0)))  # shapes
+  problems = "\n".join(filter(None, (
+      tree_mismatch(shapes_by_name(loaded.params), shapes_by_name(wanted["params"])),
+      tree_mismatch(shapes_by_name(loaded.batch_stats), shapes_by_name(wanted["batch_stats"])))))
   if problems:
     raise CheckpointMismatch(f"checkpoint {loaded.path} (step {loaded.step}) does not fit "
                              f"this model's params:\n{problems}")
   rules = [tuple(r) for r in config.get("sharding_rules", ())]
-  params = jax.device_put(loaded.params, parallel.shardings(
-      parallel.param_specs(wanted, rules, mesh), mesh))
-  ctx = EvalContext(config, tokenizer, Embedder(model, params, mesh),
+  place = lambda tree, tree_rules: jax.device_put(tree, parallel.shardings(
+      parallel.param_specs(tree, tree_rules, mesh), mesh))
+  params, stats = place(loaded.params, rules), place(loaded.batch_stats, [])   # replicated
+  ctx = EvalContext(config, tokenizer, Embedder(model, params, mesh, stats),
                     workdir=pathlib.Path(workdir))
   return dict(run_evals(ctx, config.get("evals", {})), step=loaded.step)

@@ -49,7 +49,10 @@ def init_config(**overrides) -> ml_collections.ConfigDict:
       step=-1,                # workdir checkpoint step; -1 = latest
       new=NEW_PARAMS,         # regex: params that may be absent from the checkpoint
       ignore="",              # regex: checkpoint params (HF: tensor names) to leave unused
-      towers=False,           # True: model towers + image size/text length/tokenizer from path
+      lr=0.0,                 # > 0: optim.lr when starting from path (pretrained weights
+                              # want a smaller rate than a run from scratch); 0: optim.lr
+      towers=False,           # True: model towers + image size/text length/tokenizer from
+                              # path; or the towers to take: ("image",)
   )
   unknown = set(overrides) - set(c)
   if unknown:

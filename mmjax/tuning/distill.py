@@ -40,19 +40,19 @@ _DEFAULT_NORM = (0.5, 0.5, 0.5)   # the data pipeline's default mean and std
 @dataclasses.dataclass
 class Teacher:
   fn: Callable           # (params, batch) -> {name: array}; the student's loss sees teacher_<name>
-  params: Any            # placed on the mesh (replicated or sharded)
+  params: Any            # the teacher's variables (params + batch_stats), on the mesh
   sharding: Any          # of params
 
 
 def _read(path: pathlib.Path, step: int, student_data):
-  """(teacher config, model, params) of an mmjax workdir or a Hugging Face directory."""
+  """(teacher config, model, variables) of an mmjax workdir or a Hugging Face directory."""
   loaded = io.load(path, None if step < 0 else step, what="distill.teacher")
   log.info("distill: teacher %s (%s%s)", path, loaded.kind,
            "" if loaded.step is None else f" step {loaded.step}")
   if loaded.kind == "hf":
-    return loaded.config, loaded.model(), loaded.params
+    return loaded.config, loaded.model(), loaded.variables
   config = loaded.config
-  return config, build_model(config, _text_vocab(config, student_data, path)), loaded.params
+  return config, build_model(config, _text_vocab(config, student_data, path)), loaded.variables
 
 
 def _text_vocab(config, student_data, path) -> int | None:
@@ -76,12 +76,12 @@ def _classifier(model, config, path) -> tuple[Callable, int]:
   m = config.model
   num_classes = (m.get("classifier") or {}).get("num_classes", 0)
   if num_classes:
-    return (lambda params, batch: model.apply({"params": params}, batch,
-                                              method=model.classify)), num_classes
+    return (lambda variables, batch: model.apply(variables, batch,
+                                                 method=model.classify)), num_classes
   num_classes = (m.get("image") or {}).get("num_classes", 0)
   if num_classes:
-    def tower_head(params, batch):
-      _, out = model.apply({"params": params}, batch["image"], method=model.encode_image)
+    def tower_head(variables, batch):
+      _, out = model.apply(variables, batch["image"], method=model.encode_image)
       return out["logits"]
     return tower_head, num_classes
   raise ValueError(f"distill teacher {path} has no classifier: its config sets neither "

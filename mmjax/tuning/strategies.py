@@ -12,6 +12,10 @@ Param layout the strategies read: a tower is a top-level "image_tower", "text_to
 or "fusion"; in a tower of depth L, embeddings are layer 0, "encoder/block_i" is
 layer i + 1 and what sits above the blocks (final norm, pooler) layer L + 1.
 Everything outside the towers (classifier, projections, ITM/MLM heads) is "head".
+A ResNet tower reads the same way: its stem is layer 0 and "stage_s/block_i" (blocks
+numbered across stages) layer i + 1, so `freeze_bottom=k` freezes the stem and the
+first k blocks, and progressive unfreezing goes down one residual block at a time.
+A frozen BatchNorm keeps the running statistics it was loaded with (`Plan.stats_from`).
 """
 from __future__ import annotations
 
@@ -25,9 +29,10 @@ import ml_collections
 from mmjax.io.trees import path_name
 
 TOWERS = {"image_tower": "image", "text_tower": "text", "fusion": "fusion"}
-_BLOCK = re.compile(r"/encoder/block_(\d+)/")
+_BLOCK = re.compile(r"/(?:encoder|stage_\d+)/block_(\d+)/")
 _EMBED = re.compile(r"^\w+/(patch_embed|posemb|cls|ln_pre|token_embed|type_embed|ln_embed|"
-                    r"text_in|image_in|modality_embed)(/|$)")
+                    r"text_in|image_in|modality_embed|stem)(/|$)")
+NEVER = 2 ** 31 - 1     # a start step no run reaches
 PEFT = re.compile(r"/(lora_a|lora_b)$|/adapter_(attn|mlp)/")
 
 
@@ -64,6 +69,20 @@ class Plan:
   @property
   def trainable(self) -> Any:
     return jax.tree.map(lambda s: s > 0, self.lr_scale)
+
+  def stats_from(self, batch_stats) -> Any:
+    """The step from which each BatchNorm statistic updates: when its norm's scale and
+    bias start training (0 for a plan without start steps), NEVER for a frozen norm."""
+    by_name = lambda tree: {path_name(p): v for p, v in
+                            jax.tree_util.tree_flatten_with_path(tree)[0]}
+    begins = by_name(self.unfreeze_step) if self.unfreeze_step is not None else {}
+    starts = {}     # norm module -> its first trainable param's start
+    for name, scale in by_name(self.lr_scale).items():
+      module = name.rpartition("/")[0]
+      start = begins.get(name, 0) if scale > 0 else NEVER
+      starts[module] = min(starts.get(module, NEVER), start)
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: starts.get(path_name(path).rpartition("/")[0], NEVER), batch_stats)
 
   def count(self, params) -> tuple[int, int]:
     """(trainable, total) numbers of parameters (params may be abstract)."""
@@ -151,6 +170,9 @@ def _check(ft, names, depth) -> None:
     raise ValueError("finetune.strategy='lora' needs finetune.lora_rank > 0")
   if s == "adapters" and not ft.adapter_dim:
     raise ValueError("finetune.strategy='adapters' needs finetune.adapter_dim > 0")
+  if s in ("lora", "adapters") and any(n.startswith("image_tower/stem/") for n in names):
+    raise ValueError(f"finetune.strategy={s!r} adds {s} to Transformer layers, and the ResNet "
+                     "image tower has none: use full, partial, linear_probe or progressive")
   if s == "progressive" and (ft.unfreeze_every < 1 or ft.unfreeze_depth < 0):
     raise ValueError("finetune.unfreeze_every must be >= 1 and unfreeze_depth >= 0")
   if not 0.0 < ft.layer_decay <= 1.0:
