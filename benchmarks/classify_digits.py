@@ -110,7 +110,8 @@ def main():
                  c["data"]["image_size"], got["wall_s"]))
     print(f"{tower}: acc {got['report_acc']:.4f}  {c['total_steps']} steps  "
           f"{got['wall_s']:.0f} s", flush=True)
-  data = args.data or "scikit-learn digits as 8x8 PNGs (1437 train / 360 test, the split of the built-in `digits`)"
+  data = args.data or ("scikit-learn digits as 8x8 PNGs (1437 train / 360 test, the split "
+                       "of the built-in `digits`)")
   table = ["| model | test acc | vs SVC | steps (epochs) | image size | wall time (s) |",
            "| --- | ---: | ---: | ---: | ---: | ---: |",
            f"| RBF SVC on raw pixels (scikit-learn, gamma=scale) | {svc:.4f} | — | — | "

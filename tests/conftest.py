@@ -1,6 +1,12 @@
+import contextlib
+import fcntl
+import io as text_io
+import json
+import logging
 import os
 import pathlib
 import sys
+import types
 
 import pytest
 
@@ -13,6 +19,20 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       str(ROOT / ".pytest_cache" / "jax-compilation-cache"))
 
+# XLA:CPU's LLVM backend at -O0 for the interpreters the tests start (`xla_flags`): they
+# compile a few programs and run each for a few steps, and compiling at the default -O2
+# takes 2-4x as long (demo:tiny's train step with dropout: 20-38 s -> 7-10 s on 2 cores)
+# while the steps run only ~2x faster. XLA's own (HLO) passes are the same at every level,
+# so results do not change: the demo's metrics after 60 steps are equal bit for bit. The
+# test workers themselves stay at -O2 (XLA_FLAGS is read once per process) for the tests
+# that train for long in them: a ResNet's steps run ~5x slower at -O0.
+
+
+def xla_flags(devices: int = 1) -> str:
+  """XLA_FLAGS for a fresh interpreter: `devices` CPU devices, the backend at -O0."""
+  return (f"--xla_force_host_platform_device_count={devices} "
+          "--xla_backend_optimization_level=0")
+
 
 @pytest.fixture(scope="session", autouse=True)
 def _cache_dir(tmp_path_factory):
@@ -21,12 +41,30 @@ def _cache_dir(tmp_path_factory):
 
 
 def run_python(code: str, *, devices: int = 1, timeout: int = 600, env=None):
-  """Run `code` in a fresh interpreter (own JAX runtime, own device count)."""
+  """Run `code` in a fresh interpreter (own JAX runtime, own device count; see
+  `xla_flags`)."""
   import subprocess
-  e = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-           PYTHONPATH=str(ROOT), **(env or {}))
+  e = dict(os.environ, XLA_FLAGS=xla_flags(devices), PYTHONPATH=str(ROOT), **(env or {}))
   return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                         timeout=timeout, env=e, cwd=ROOT)
+
+
+def cli(*args):
+  """`mmjax ARGS` in this process: what a subprocess would print, without paying for a
+  fresh interpreter and JAX runtime per call (each run still builds its own jitted
+  functions; their executables come from the compilation cache). The root logger that
+  `main` reconfigures onto the captured stderr is put back afterwards."""
+  from mmjax import cli as mmjax_cli  # pylint: disable=g-import-not-at-top
+  out, err = text_io.StringIO(), text_io.StringIO()
+  root = logging.getLogger()
+  handlers, level = root.handlers[:], root.level
+  try:
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+      code = mmjax_cli.main([*args, "--no-progress"])
+  finally:
+    root.handlers[:] = handlers
+    root.setLevel(level)
+  return types.SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
 
 
 def read_workdir(path, step=None):
@@ -34,6 +72,33 @@ def read_workdir(path, step=None):
   from mmjax import io  # pylint: disable=g-import-not-at-top
   got = io.load(path, step)
   return got.config, got.params, got.step
+
+
+def shared_run(tmp_path_factory, name: str, train) -> tuple[pathlib.Path, dict]:
+  """(workdir, what `train(workdir)` returned): a run several tests read, trained once
+  per test session. The xdist workers share it through their common temporary folder:
+  the first to ask trains it under a lock, the others wait for it. (Grouping its tests
+  on one worker would not do: with pytest 9, `--dist loadgroup` ignores xdist_group
+  marks, pytest-dev/pytest-xdist#1386.) Tests that write to the workdir copy it first."""
+  root = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    root = root.parent              # <basetemp>/popen-gwN -> the run's own basetemp
+  workdir, done = root / f"shared_{name}", root / f"shared_{name}.json"
+  with open(root / f"shared_{name}.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not done.exists():
+      done.write_text(json.dumps(train(workdir)))
+  return workdir, json.loads(done.read_text())
+
+
+@pytest.fixture(scope="session")
+def digits_tiny_workdir(tmp_path_factory):
+  """finetune_digits:tiny trained without evals: the checkpoint the fine-tune tests of
+  several modules start from."""
+  import mmjax  # pylint: disable=g-import-not-at-top
+  config = mmjax.load_config("finetune_digits:tiny", ["--config.evals={}"])
+  return shared_run(tmp_path_factory, "digits_tiny",
+                    lambda wd: mmjax.train(config, wd, progress=False))[0]
 
 
 def pytest_collection_modifyitems(items):

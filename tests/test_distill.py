@@ -16,7 +16,7 @@ from mmjax.data import tokenizer as tokenizer_lib
 from mmjax.train import loop
 from mmjax.tuning.distill import load_teacher
 
-from conftest import read_workdir
+from conftest import read_workdir, shared_run
 
 
 def _softmax(x):
@@ -48,11 +48,10 @@ def test_distill_objective_without_a_teacher_says_what_to_set():
     objectives.distill({"class_logits": jnp.zeros((2, 3))}, {})
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def teacher_dir(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("teacher")
-  mmjax.train(load_config("distill_digits:teacher,tiny"), workdir, progress=False)
-  return workdir
+  return shared_run(tmp_path_factory, "teacher", lambda wd: mmjax.train(
+      load_config("distill_digits:teacher,tiny"), wd, progress=False))[0]
 
 
 def _distill_config(teacher, *overrides):

@@ -86,7 +86,7 @@ def test_early_stopping_counts_patience_with_min_delta_and_keeps_the_best_n(tmp_
   stopper.manager.wait_until_finished()
   assert sorted(stopper.manager.all_steps()) == [1, 3]          # the two best kept
   like = {"w": jax.numpy.zeros(3)}
-  np.testing.assert_array_equal(stopper.best_params(like)["w"], np.full(3, 3.0))
+  np.testing.assert_array_equal(stopper.best_params(like)[0]["w"], np.full(3, 3.0))
   with pytest.raises(KeyError, match="early_stop.metric='loss'.*'acc'"):
     EarlyStopping(config, tmp_path / "b").update(1, {"acc": 1.0}, params)
   with config.unlocked():
@@ -102,23 +102,28 @@ def test_early_stopping_counts_patience_with_min_delta_and_keeps_the_best_n(tmp_
 # ------------------------------------------------------------------ delta checkpoints
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("base")
-  mmjax.train(digits("--config.evals={}"), workdir, progress=False)
-  return workdir
-
-
-def test_lora_checkpoints_hold_only_what_changed_and_load_back_whole(base, tmp_path):
+def test_lora_checkpoints_hold_only_what_changed_and_load_back_whole(digits_tiny_workdir,
+                                                                    tmp_path):
+  base = digits_tiny_workdir      # finetune_digits:tiny, trained 8 steps (conftest)
   lora = lambda *o: digits(f"--config.init.path={base}", "--config.keep_checkpoints=3",
                            *o, arg="tiny,lora")
+  # The delta run is cut at step 4 and resumed to 8; the reference trains all 8 steps in
+  # one go and saves every param (save_frozen), so it is independent of delta loading.
+  full = tmp_path / "full"
+  mmjax.finetune(lora("--config.finetune.save_frozen=True"), full, progress=False)
   wd = tmp_path / "lora"
+  mmjax.finetune(lora("--config.stop_after=4", "--config.checkpoint_every=4"), wd,
+                 progress=False)
   result = mmjax.finetune(lora(), wd, progress=False)
 
   ckpt = Checkpointer(wd, keep=2)
-  saved = flat(ckpt.manager.item_metadata(8)["state"]["params"])
-  pointer = ckpt.data_of(8)["base"]
+  assert sorted(ckpt.manager.all_steps()) == [4, 8]
+  saved = {s: flat(ckpt.manager.item_metadata(s)["state"]["params"]) for s in (4, 8)}
+  pointer = {s: ckpt.data_of(s)["base"] for s in (4, 8)}
   ckpt.close()
+  # The fresh run's checkpoint (4) and the resumed run's (8): a delta run stays a delta run.
+  assert saved[4].keys() == saved[8].keys() and pointer[4] == pointer[8]
+  saved, pointer = saved[8], pointer[8]
   assert saved and all("lora_" in k or k.startswith("classifier/") for k in saved), sorted(saved)
   assert pointer["path"] == str(base.absolute()) and pointer["step"] == 8
   assert "image_tower/encoder/block_0/attn/query/kernel" in pointer["params"]
@@ -137,15 +142,9 @@ def test_lora_checkpoints_hold_only_what_changed_and_load_back_whole(base, tmp_p
   assert mmjax.evaluate(lora(), wd)["report_acc"] == pytest.approx(result["report_acc"])
 
   # Resuming a delta run gives the uninterrupted run's params.
-  cut = tmp_path / "cut"
-  mmjax.finetune(lora("--config.stop_after=4", "--config.checkpoint_every=4"), cut,
-                 progress=False)
-  mmjax.finetune(lora(), cut, progress=False)
-  assert_same(read_workdir(cut)[1], read_workdir(wd)[1])
+  assert_same(read_workdir(wd)[1], read_workdir(full)[1])
 
   # save_frozen=True writes every param.
-  full = tmp_path / "full"
-  mmjax.finetune(lora("--config.finetune.save_frozen=True"), full, progress=False)
   ckpt = Checkpointer(full, keep=2)
   assert "base" not in ckpt.data_of(8)
   assert len(flat(ckpt.manager.item_metadata(8)["state"]["params"])) == len(tuned)

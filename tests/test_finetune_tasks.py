@@ -1,8 +1,6 @@
 """Task heads, the classify objective, the classification report, and fine-tuning from a
 pretrained workdir through `mmjax finetune`."""
 import json
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +14,7 @@ from mmjax.tuning.init import load_init
 from mmjax.models import build_model
 from mmjax.io import CheckpointMismatch
 
-from conftest import ROOT, read_workdir
+from conftest import cli, read_workdir
 
 B, S, L, V, C = 3, 16, 8, 40, 4
 
@@ -72,21 +70,16 @@ def test_classifier_needs_its_tower():
     build_model(c)
 
 
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory):
+@pytest.fixture
+def pretrained(digits_tiny_workdir):
   """A tiny digits classifier trained for a few steps: the checkpoint to fine-tune from."""
-  workdir = tmp_path_factory.mktemp("pretrained")
-  config = mmjax.load_config("finetune_digits:tiny", ["--config.evals={}"])
-  mmjax.train(config, workdir, progress=False)
-  return workdir
+  return digits_tiny_workdir
 
 
 def test_finetune_cli_from_workdir_keeps_base_frozen_and_reports(pretrained, tmp_path):
   wd = tmp_path / "lora"
-  r = subprocess.run([sys.executable, "-m", "mmjax.cli", "finetune", "--config",
-                      "finetune_digits:tiny,lora", "--init", str(pretrained), "--workdir",
-                      str(wd), "--no-progress"], capture_output=True, text=True, cwd=ROOT,
-                     timeout=300)
+  r = cli("finetune", "--config", "finetune_digits:tiny,lora", "--init", str(pretrained),
+          "--workdir", str(wd))
   assert r.returncode == 0, r.stderr[-3000:]
   result = json.loads(r.stdout.splitlines()[-1])
   # scikit-learn's table, printed by the evaluator.

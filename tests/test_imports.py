@@ -12,7 +12,7 @@ LAYERS = {
     "mmjax.config": 0, "mmjax.config_blocks": 1, "mmjax.config_checks": 1,
     "mmjax.models": 1, "mmjax.objectives": 1, "mmjax.data": 1,
     "mmjax.io": 2, "mmjax.parallel": 3,
-    "mmjax.evals": 4, "mmjax.tuning": 4,
+    "mmjax.evals": 4, "mmjax.tuning": 4, "mmjax.generate": 4,
     "mmjax.train": 5,
     "mmjax.cli": 6, "mmjax": 6,
 }

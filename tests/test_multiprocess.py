@@ -13,7 +13,7 @@ import mmjax
 from mmjax.io import Checkpointer
 from mmjax.train.loop import setup
 
-from conftest import ROOT
+from conftest import ROOT, cli, xla_flags
 
 ARGS = ["--config", "demo:tiny", "--config.evals={}", "--config.total_steps=6",
         "--config.log_every=3", "--config.checkpoint_every=0", "--config.batch_size=8",
@@ -29,7 +29,7 @@ def _free_port() -> int:
 
 
 def _env():
-  return dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+  return dict(os.environ, XLA_FLAGS=xla_flags(devices=1),
               PYTHONPATH=str(ROOT))
 
 
@@ -46,16 +46,16 @@ def test_two_processes_train_like_one(tmp_path):
   for p, (out, err) in zip(procs, outs):
     assert p.returncode == 0, err[-3000:]
   assert json.loads(outs[0][0].splitlines()[-1])["steps"] == 6
-  one = subprocess.run([sys.executable, "-m", "mmjax.cli", "train", "--workdir",
-                        str(tmp_path / "one"), *ARGS], capture_output=True, text=True,
-                       cwd=ROOT, env=_env(), timeout=600)
+  # The single-process reference runs here: this worker's JAX is one process, one device.
+  assert jax.process_count() == 1 and jax.device_count() == 1
+  one = cli("train", "--workdir", str(tmp_path / "one"), *ARGS)
   assert one.returncode == 0, one.stderr[-3000:]
   # Process 0 alone writes metrics; the losses match the single-process run.
   loss = lambda d: [r["loss"] for r in map(json.loads, (tmp_path / d / "metrics.jsonl")
                                            .read_text().splitlines()) if r["kind"] == "train"]
   np.testing.assert_allclose(loss("two"), loss("one"), rtol=1e-5)
   config = mmjax.load_config("demo:tiny", [a for a in ARGS if a.startswith("--config.")])
-  target = setup(config).state
+  target = setup(config).abstract     # shapes and shardings: nothing is initialised
   two, _, _ = Checkpointer(tmp_path / "two", keep=2).restore(target)
   one, _, _ = Checkpointer(tmp_path / "one", keep=2).restore(target)
   for a, b in zip(jax.tree.leaves(two.params), jax.tree.leaves(one.params)):

@@ -4,7 +4,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from conftest import ROOT
+from conftest import ROOT, xla_flags
 
 
 @pytest.mark.slow
@@ -12,6 +12,7 @@ def test_quickstart_notebook_executes(tmp_path, monkeypatch):
   monkeypatch.setenv("MMJAX_NOTEBOOK_CONFIG", "demo:tiny")
   monkeypatch.setenv("MMJAX_NOTEBOOK_WORKDIR", str(tmp_path / "run"))
   monkeypatch.setenv("PYTHONPATH", str(ROOT))
+  monkeypatch.setenv("XLA_FLAGS", xla_flags())      # the kernel's (conftest.xla_flags)
   nb = nbformat.read(ROOT / "colab" / "quickstart.ipynb", as_version=4)
   NotebookClient(nb, timeout=600, kernel_name="python3",
                  resources={"metadata": {"path": str(tmp_path)}}).execute()
@@ -29,6 +30,7 @@ def test_finetune_notebook_executes(tmp_path, monkeypatch):
   monkeypatch.setenv("MMJAX_NOTEBOOK_TINY", "1")
   monkeypatch.setenv("MMJAX_NOTEBOOK_WORKDIR", str(tmp_path / "run"))
   monkeypatch.setenv("PYTHONPATH", str(ROOT))
+  monkeypatch.setenv("XLA_FLAGS", xla_flags())      # the kernel's (conftest.xla_flags)
   nb = nbformat.read(ROOT / "colab" / "finetune.ipynb", as_version=4)
   NotebookClient(nb, timeout=600, kernel_name="python3",
                  resources={"metadata": {"path": str(tmp_path)}}).execute()

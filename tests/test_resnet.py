@@ -420,3 +420,21 @@ def test_plans_read_resnet_stages_and_blocks():
     with pytest.raises(ValueError, match=f"finetune.strategy='{strategy}'.*ResNet") as e:
       _plan(strategy=strategy, **option)
     assert "\n" not in str(e.value)
+
+
+def test_early_stopping_keeps_the_best_steps_batch_statistics(tmp_path):
+  """The best params come back with the statistics they were evaluated with, not the
+  last step's."""
+  from mmjax.train.early_stop import EarlyStopping
+  config = ml_collections.ConfigDict(dict(eval_every=1, early_stop=dict(
+      metric="acc", mode="max", patience=1, min_delta=0.0, keep_best=1)))
+  stopper = EarlyStopping(config, tmp_path)
+  for step, acc in enumerate([0.5, 0.9, 0.7], start=1):
+    params = {"w": np.full(3, step, np.float32)}
+    stats = {"bn": {"mean": np.full(2, 10.0 * step, np.float32)}}
+    stopper.update(step, {"acc": acc}, params, stats)
+  best = stopper.final_params(params, 3, at_end=True, batch_stats=stats)
+  np.testing.assert_array_equal(best[0]["w"], np.full(3, 2.0))
+  np.testing.assert_array_equal(best[1]["bn"]["mean"], np.full(2, 20.0))
+  assert stopper.final_params(params, 3, at_end=True, batch_stats={})[1] == {}
+  stopper.close()

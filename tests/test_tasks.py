@@ -23,6 +23,8 @@ from mmjax.train.loop import setup
 from mmjax.train.metrics_writer import read_metrics
 from mmjax.tuning.init import load_init
 
+from conftest import shared_run
+
 
 # ---------------------------------------------------------------- data
 
@@ -205,12 +207,12 @@ def test_ner_tiny_run_reports_entity_f1(tmp_path):
   assert "micro avg" in json.loads((tmp_path / "reports" / "ner.json").read_text())["report"]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def itm_workdir(tmp_path_factory):
   """finetune_itm:tiny trained from scratch; its model is demo:tiny's, so it stands in
   for a demo-pretrained workdir below."""
-  workdir = tmp_path_factory.mktemp("itm")
-  return workdir, mmjax.train(mmjax.load_config("finetune_itm:tiny"), workdir, progress=False)
+  return shared_run(tmp_path_factory, "itm", lambda wd: mmjax.train(
+      mmjax.load_config("finetune_itm:tiny"), wd, progress=False))
 
 
 def test_itm_tiny_run_reports_matching_and_retrieval(itm_workdir):

@@ -40,6 +40,9 @@ class Loaded:
   preprocess: ImagePreprocess | None   # image -> model input, as the model was trained
   hf_config: dict | None = None        # the HF config.json (HF dirs, converted workdirs)
   batch_stats: dict = dataclasses.field(default_factory=dict)   # BatchNorm's; {} if none
+  # Class names by label field, in id order: a workdir's label_names.json; an HF
+  # classifier's id2label as {"label": [...]}; {} when unknown.
+  label_names: dict = dataclasses.field(default_factory=dict)
 
   @property
   def variables(self) -> dict:
@@ -135,14 +138,14 @@ def load(path, step: int | None = None, *, config: ml_collections.ConfigDict | N
       weights = unflat({k: v for k, v in flat(weights).items() if not skip.search(k)})
   preprocess = data_preprocess(run_config.data) if run_config.model.get("image") else None
   return Loaded(path, kind, run_config, weights, got_step, workdir_tokenizer(path, run_config),
-                preprocess, workdir.hf_config_of(path), stats)
+                preprocess, workdir.hf_config_of(path), stats, workdir.label_names_of(path))
 
 
 def _load_hf(path: pathlib.Path, config, new: str, ignore: str, params: bool) -> Loaded:
   if params and config is None:   # the directory's own model: all of from_pretrained's checks
     p = hf.from_pretrained(path, ignore=ignore)
     return Loaded(path, "hf", p.config, p.params, None, p.tokenizer, p.preprocess, p.hf_config,
-                  p.batch_stats)
+                  p.batch_stats, hf_label_names(p.hf_config))
   model_config, preprocess = hf.pretrained_config(path)
   weights, stats = None, {}
   if params:
@@ -153,8 +156,19 @@ def _load_hf(path: pathlib.Path, config, new: str, ignore: str, params: bool) ->
     imported, stats = hf.load_variables(path, config, allow_missing=new, ignore=ignore)
     weights = unflat({k: v for k, v in flat(imported).items()
                       if not (fresh and fresh.search(k))})
+  hf_config = hf.read_config(path)
   return Loaded(path, "hf", model_config, weights, None, hf.hf_tokenizer(path), preprocess,
-                hf.read_config(path), stats)
+                hf_config, stats, hf_label_names(hf_config))
+
+
+def hf_label_names(hf_config: dict | None) -> dict[str, list[str]]:
+  """{"label": names} from an HF classifier's config.json id2label ({} without one)."""
+  id2label = (hf_config or {}).get("id2label") or {}
+  if not id2label or not (hf_config.get("architectures") or [""])[0].endswith(
+      "ForImageClassification"):
+    return {}
+  return {"label": [str(id2label.get(str(i), id2label.get(i, i)))
+                    for i in range(len(id2label))]}
 
 
 def base_params(base: dict, config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:

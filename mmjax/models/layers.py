@@ -9,6 +9,7 @@ import functools
 from typing import Any, Callable
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 
@@ -128,11 +129,56 @@ class Adapter(nn.Module):
                      name="up")(h)
 
 
+@flax.struct.dataclass
+class KVCache:
+  """The keys and values of a causal stack's past tokens, for decoding a few at a time.
+
+  Slot t of row b holds the token at position t, so rows advance independently: a batch
+  of prompts of different lengths (right-padded) decodes without left padding, each row
+  exactly as if run alone. Slots at or after `index` hold stale values that the causal
+  mask never reads. Every leaf has the batch on axis 0: shard it like the batch.
+  """
+  index: Array                 # [B] int32: tokens held = the next token's position
+  keys: tuple[Array, ...]      # per block [B, T, H, K]
+  values: tuple[Array, ...]    # per block [B, T, H, K]
+
+  @classmethod
+  def empty(cls, batch: int, length: int, depth: int, heads: int, head_dim: int,
+            dtype: Dtype = jnp.float32) -> "KVCache":
+    zeros = lambda: tuple(jnp.zeros((batch, length, heads, head_dim), dtype)
+                          for _ in range(depth))
+    return cls(jnp.zeros((batch,), jnp.int32), zeros(), zeros())
+
+  @property
+  def length(self) -> int:
+    """T, the static number of slots."""
+    return self.keys[0].shape[1]
+
+  def positions(self, new: int) -> Array:
+    """[B, new] absolute positions of `new` tokens appended to every row."""
+    return self.index[:, None] + jnp.arange(new)[None]
+
+  def causal_mask(self, new: int) -> Array:
+    """[B, 1, new, T]: appended token i of row b sees slots up to its own position."""
+    return (jnp.arange(self.length)[None, None] <= self.positions(new)[:, :, None])[:, None]
+
+
+def write_rows(slots: Array, new: Array, start: Array) -> Array:
+  """slots [B, T, ...] with new [B, L, ...] written at per-row offsets start [B].
+
+  The caller keeps start + L <= T (dynamic_update_slice would clamp, not fail)."""
+  put = lambda s, n, i: jax.lax.dynamic_update_slice_in_dim(s, n.astype(s.dtype), i, axis=0)
+  return jax.vmap(put)(slots, new, start)
+
+
 class Attention(nn.Module):
   """Multi-head attention; queries from `x`, keys/values from `kv` (self if None).
 
   `mask` is boolean, broadcastable to [B, H, L, S]; True = may attend.
   Logits and softmax run in float32 whatever the compute dtype.
+  With `cache` = (keys, values [B, T, H, K], start [B]) (self-attention only), the new
+  keys/values are written at slots start .. start+L-1, attention reads all T slots
+  (`mask` [B, 1, L, T] says which), and the call returns (y, (keys, values)).
   """
   heads: int
   dropout: float = 0.0
@@ -141,7 +187,9 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, kv: Array | None = None, mask: Array | None = None,
-               *, train: bool = False) -> Array:
+               *, train: bool = False, cache: tuple[Array, Array, Array] | None = None):
+    if cache is not None and kv is not None:
+      raise ValueError("a KV cache is for self-attention only")
     kv = x if kv is None else kv
     d = x.shape[-1]
     if d % self.heads:
@@ -160,14 +208,18 @@ class Attention(nn.Module):
       q = split(dense("query")(x))   # [B, L, H, K]
       k = split(dense("key")(kv))    # [B, S, H, K]
       v = split(dense("value")(kv))  # [B, S, H, K]
+    if cache is not None:
+      keys, values, start = cache
+      k, v = write_rows(keys, k, start), write_rows(values, v, start)   # [B, T, H, K]
     logits = jnp.einsum("blhk,bshk->bhls", q, k, preferred_element_type=jnp.float32)
     logits = logits / jnp.sqrt(k_dim).astype(jnp.float32)
     if mask is not None:
       logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
     weights = nn.Dropout(self.dropout)(weights, deterministic=not train)
-    out = jnp.einsum("bhls,bshk->blhk", weights, v).reshape(*x.shape[:-1], d)
-    return dense("out")(out)
+    out = jnp.einsum("bhls,bshk->blhk", weights, v)
+    y = dense("out")(out.reshape(*x.shape[:-1], d))
+    return y if cache is None else (y, (k, v))
 
 
 class Mlp(nn.Module):
@@ -219,7 +271,9 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, mask: Array | None = None, *, kv: Array | None = None,
-               kv_mask: Array | None = None, train: bool = False) -> Array:
+               kv_mask: Array | None = None, train: bool = False,
+               cache: tuple[Array, Array, Array] | None = None):
+    """With `cache` (see Attention), returns (x, the self-attention's (keys, values))."""
     norm = functools.partial(nn.LayerNorm, epsilon=self.ln_eps, dtype=self.dtype)
     attn = functools.partial(Attention, self.heads, self.dropout, self.dtype, self.peft)
     drop = lambda y: nn.Dropout(self.dropout)(DropPath(self.drop_path)(y, train=train),
@@ -228,18 +282,25 @@ class Block(nn.Module):
     adapt = lambda name, y: (Adapter(self.peft.adapter_dim, self.act, self.dtype, name=name)(y)
                              if self.peft.adapter_dim else y)
     mlp = Mlp(self.mlp_dim, self.act, self.dropout, self.dtype, self.peft, name="mlp")
+
+    def self_attn(y):
+      out = attn(name="attn")(y, mask=mask, train=train, cache=cache)
+      return out if cache is not None else (out, None)
+
     if self.post_norm:
       if self.cross:
         raise ValueError("post_norm blocks have no cross-attention")
-      y = adapt("adapter_attn", attn(name="attn")(x, mask=mask, train=train))
-      x = norm(name="ln1")(x + drop(y))
-      return norm(name="ln2")(x + drop(adapt("adapter_mlp", mlp(x, train=train))))
-    y = attn(name="attn")(norm(name="ln1")(x), mask=mask, train=train)
+      y, kv_out = self_attn(x)
+      x = norm(name="ln1")(x + drop(adapt("adapter_attn", y)))
+      x = norm(name="ln2")(x + drop(adapt("adapter_mlp", mlp(x, train=train))))
+      return x if cache is None else (x, kv_out)
+    y, kv_out = self_attn(norm(name="ln1")(x))
     x = x + drop(adapt("adapter_attn", y))
     if self.cross:
       x = x + drop(attn(name="cross_attn")(norm(name="ln_cross")(x), kv, kv_mask,
                                            train=train))
-    return x + drop(adapt("adapter_mlp", mlp(norm(name="ln2")(x), train=train)))
+    x = x + drop(adapt("adapter_mlp", mlp(norm(name="ln2")(x), train=train)))
+    return x if cache is None else (x, kv_out)
 
 
 class Encoder(nn.Module):
@@ -262,15 +323,24 @@ class Encoder(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, mask: Array | None = None, *, kv: Array | None = None,
-               kv_mask: Array | None = None, train: bool = False) -> Array:
+               kv_mask: Array | None = None, train: bool = False,
+               cache: KVCache | None = None):
+    """With `cache`, returns (x, cache with this call's keys/values written; its index
+    is the caller's to advance, as only the caller knows which new tokens are real)."""
+    keys, values = [], []
     for i in range(self.depth):
       rate = self.drop_path * i / max(self.depth - 1, 1)
+      block_cache = None if cache is None else (cache.keys[i], cache.values[i], cache.index)
       x = Block(self.heads, self.mlp_dim, self.act, self.cross, self.dropout, rate,
                 self.ln_eps, self.dtype, self.post_norm, self.peft, name=f"block_{i}")(
-                    x, mask, kv=kv, kv_mask=kv_mask, train=train)
+                    x, mask, kv=kv, kv_mask=kv_mask, train=train, cache=block_cache)
+      if cache is not None:
+        x, (k, v) = x
+        keys.append(k)
+        values.append(v)
     if self.final_norm:
       x = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name="ln_final")(x)
-    return x
+    return x if cache is None else (x, cache.replace(keys=tuple(keys), values=tuple(values)))
 
 
 def key_mask(mask: Array) -> Array:

@@ -119,6 +119,11 @@ class MultimodalModel(nn.Module):
     emb = l2_normalize(self.text_proj(out["pooled"])) if self.embed_dim else None
     return emb, out
 
+  def decode_text(self, ids: jax.Array, mask: jax.Array, cache):
+    """The causal text tower on `ids` appended after the tokens held in `cache` (a
+    layers.KVCache from `text_tower.empty_cache`) -> its outputs, out["cache"] advanced."""
+    return self.text_tower(ids, mask, cache=cache)
+
   def match_logits(self, image_tokens, text_tokens, text_mask, *, train: bool = False):
     """ITM logits [B, 2] (column 1 = "matches") for aligned rows of the inputs."""
     fused = self.fusion(text_tokens, text_mask, image_tokens, train=train)

@@ -45,10 +45,12 @@ class NoEarlyStopping:
   def load_state_dict(self, d: dict) -> None:
     pass
 
-  def update(self, step: int, metrics: dict[str, float], params: Any) -> bool:
+  def update(self, step: int, metrics: dict[str, float], params: Any,
+             batch_stats: Any = None) -> bool:
     return False
 
-  def final_params(self, params: Any, step: int, at_end: bool) -> Any | None:
+  def final_params(self, params: Any, step: int, at_end: bool, batch_stats: Any = None
+                   ) -> tuple[Any, Any] | None:
     return None
 
   def result(self) -> dict:
@@ -83,7 +85,8 @@ class EarlyStopping:
         enable_async_checkpointing=False)
     self.manager = ocp.CheckpointManager(
         pathlib.Path(workdir).absolute() / "checkpoints_best", options=options,
-        item_handlers=dict(params=ocp.StandardCheckpointHandler()))
+        item_handlers=dict(params=ocp.StandardCheckpointHandler(),
+                           batch_stats=ocp.StandardCheckpointHandler()))
     self.best: float | None = None
     self.best_step: int | None = None
     self.bad = 0            # evaluations since the last improvement
@@ -104,43 +107,51 @@ class EarlyStopping:
       return value > self.best + self.min_delta
     return value < self.best - self.min_delta
 
-  def update(self, step: int, metrics: dict[str, float], params: Any) -> bool:
-    """Record an evaluation at `step`; True when training should stop now."""
+  def update(self, step: int, metrics: dict[str, float], params: Any,
+             batch_stats: Any = None) -> bool:
+    """Record an evaluation at `step` of `params` (and BatchNorm's `batch_stats`, kept
+    with them: the best params normalise with their own statistics); True when
+    training should stop now."""
     if self.metric not in metrics:
       raise KeyError(f"early_stop.metric={self.metric!r} is not among the evaluation's "
                      f"metrics: {sorted(metrics)}")
     value = float(metrics[self.metric])
     if self._improves(value):
       self.best, self.best_step, self.bad = value, step, 0
-      self.manager.save(step, args=ocp.args.Composite(
-          params=ocp.args.StandardSave(drop_params(params, self.frozen))),
-                        metrics={self.metric: value})
+      items = dict(params=ocp.args.StandardSave(drop_params(params, self.frozen)))
+      if batch_stats:
+        items["batch_stats"] = ocp.args.StandardSave(batch_stats)
+      self.manager.save(step, args=ocp.args.Composite(**items), metrics={self.metric: value})
       self.manager.wait_until_finished()
     else:
       self.bad += 1
     self.stopped = self.bad >= self.patience
     return self.stopped
 
-  def final_params(self, params: Any, step: int, at_end: bool) -> Any | None:
-    """The best step's params to end the run with (`params` are those of `step`), or None
-    when the run goes on (not stopped, not `at_end`) or `step` is itself the best."""
+  def final_params(self, params: Any, step: int, at_end: bool, batch_stats: Any = None
+                   ) -> tuple[Any, Any] | None:
+    """(params, batch_stats) of the best step to end the run with (`params` and
+    `batch_stats` are those of `step`), or None when the run goes on (not stopped, not
+    `at_end`) or `step` is itself the best."""
     if not (at_end or self.stopped) or self.best_step in (None, step):
       return None
-    return self.best_params(params)
+    return self.best_params(params, batch_stats)
 
   def result(self) -> dict:
     return {"best_step": self.best_step, "early_stopped": self.stopped}
 
-  def best_params(self, params: Any) -> Any:
-    """The best step's params, in the structure and shardings of `params` (the
-    current ones, which also supply the frozen leaves)."""
+  def best_params(self, params: Any, batch_stats: Any = None) -> tuple[Any, Any]:
+    """The best step's (params, batch_stats), in the structure and shardings of the
+    current ones (which also supply the frozen leaves)."""
     step = self.manager.best_step()
-    kept = drop_params(params, self.frozen)
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, kept)
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(abstract))).params
+    abstract = lambda tree: jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+    items = dict(params=ocp.args.StandardRestore(abstract(drop_params(params, self.frozen))))
+    if batch_stats:
+      items["batch_stats"] = ocp.args.StandardRestore(abstract(batch_stats))
+    restored = self.manager.restore(step, args=ocp.args.Composite(**items))
     current = flat(params)
-    return fill_params(restored, {k: current[k] for k in self.frozen}, params)
+    best = fill_params(restored.params, {k: current[k] for k in self.frozen}, params)
+    return best, (restored.batch_stats if batch_stats else batch_stats)
 
   def close(self) -> None:
     self.manager.close()

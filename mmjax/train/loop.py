@@ -323,7 +323,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
     if c.eval_every and step % c.eval_every == 0 and step != stop:
       eval_metrics = evaluate_now(step)
       t_log = time.time()
-      if stopper.update(step, eval_metrics, state.params):
+      if stopper.update(step, eval_metrics, state.params, state.batch_stats):
         log.info("early stop at step %d: %s has not improved by > %g for %d evaluations "
                  "(best %.4f at step %d)", step, stopper.metric, stopper.min_delta,
                  stopper.patience, stopper.best, stopper.best_step)
@@ -335,11 +335,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
   if at_end and not stopper.stopped:
     eval_metrics = evaluate_now(stop, record=stop > start)   # a rerun of a finished run: no row
     if stop > start:
-      stopper.update(stop, eval_metrics, state.params)
+      stopper.update(stop, eval_metrics, state.params, state.batch_stats)
   if stop > start:
-    best = stopper.final_params(state.params, stop, at_end)
+    best = stopper.final_params(state.params, stop, at_end, state.batch_stats)
     if best is not None:
-      state = state.replace(params=best)
+      state = state.replace(params=best[0], batch_stats=best[1])
       eval_metrics = evaluate_now(stop, record=False)    # the restored best (reports too)
     ckpt.save(stop, state, data_state(), c.to_json_best_effort())
   ckpt.wait()

@@ -1,0 +1,189 @@
+"""Decoding a causal LM (a text tower with causal=True, head="lm") with a KV cache.
+
+The prompt is prefilled in one call, then one token per step runs inside a
+`lax.while_loop` under one `jax.jit`: the number of steps taken is data, not shape,
+so a run compiles once per (model, batch, prompt length, max_new_tokens, settings).
+
+Shapes: B prompts, P prompt length (right-padded), N = max_new_tokens, V vocabulary,
+K beams, n sequences returned per prompt.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mmjax.generate import beam
+from mmjax.generate.sampling import filter_logits
+from mmjax.models.text import TextEncoder
+
+METHODS = ("greedy", "sample", "beam")
+
+
+class Decoded(NamedTuple):
+  """tokens [B, n, N]: the new tokens, each sequence's EOS kept and pad_id after it.
+  scores [B, n]: beam: sum of log-probabilities / length ** length_penalty (Hugging
+  Face's sequence score), best first; greedy / sample: the sum of the model's
+  log-probabilities of the tokens (before temperature, top-k, top-p).
+  lengths [B, n]: new tokens up to and including EOS (N when none came)."""
+  tokens: jax.Array
+  scores: jax.Array
+  lengths: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """Everything static about a run (hashable: part of the jit cache key)."""
+  method: str
+  max_new_tokens: int
+  eos_id: int
+  pad_id: int
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+  num_beams: int = 1
+  length_penalty: float = 1.0
+  num_return: int = 1
+
+
+def decode(model, variables, prompt_ids, prompt_mask, *, max_new_tokens: int, eos_id: int,
+           pad_id: int, method: str = "greedy", rng: jax.Array | None = None,
+           temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+           num_beams: int = 4, length_penalty: float = 1.0, num_return: int = 1) -> Decoded:
+  """Continue each prompt by up to `max_new_tokens` tokens, stopping a row at `eos_id`.
+
+  model: a MultimodalModel whose text tower is causal with head="lm" (GPT-2 style);
+  variables: what model.apply takes ({"params": ...}).
+  prompt_ids, prompt_mask [B, P]: right-padded prompts, at least one real token each.
+  method "greedy"; "sample" (needs `rng`; temperature > 0, top_k >= 0 with 0 off,
+  0 < top_p <= 1; num_return independent samples per prompt); "beam" (`num_beams`,
+  `length_penalty`, Hugging Face's default early stopping; the num_return best).
+  """
+  tower = getattr(model, "text_tower", None)
+  if not (isinstance(tower, TextEncoder) and tower.causal and tower.head == "lm"):
+    raise ValueError("decoding needs a causal text tower with an LM head (text.causal=True, "
+                     "text.head='lm')")
+  _check_settings(tower, np.shape(prompt_ids), method, max_new_tokens, rng, temperature, top_k,
+                  top_p, num_beams, num_return)
+  if getattr(prompt_mask, "is_fully_addressable", True):   # not a multi-host global array
+    _check_prompts(np.asarray(prompt_ids), np.asarray(prompt_mask))
+  settings = Settings(method, max_new_tokens, eos_id, pad_id, float(temperature), top_k,
+                      float(top_p), num_beams if method == "beam" else 1,
+                      float(length_penalty), num_return)
+  rng = jax.random.key(0) if rng is None else rng
+  # Prompts sharded over the batch stay so: the cache and every step follow them.
+  return _decode(model, settings, variables, jnp.asarray(prompt_ids, jnp.int32),
+                 jnp.asarray(prompt_mask, jnp.int32), rng)
+
+
+def _check_prompts(ids, mask):
+  if ids.ndim != 2 or ids.shape != mask.shape:
+    raise ValueError(f"prompt ids {ids.shape} and mask {mask.shape} must both be [B, P]")
+  real = mask.astype(bool)
+  if (real[:, 1:] & ~real[:, :-1]).any():
+    raise ValueError("prompts must be right-padded (mask 1s, then 0s)")
+  if not real[:, 0].all():
+    raise ValueError("every prompt needs at least one token")
+
+
+def _check_settings(tower, prompt_shape, method, max_new_tokens, rng, temperature, top_k,
+                    top_p, num_beams, num_return):
+  if method not in METHODS:
+    raise ValueError(f"unknown decoding method {method!r}; expected one of {METHODS}")
+  if max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens={max_new_tokens}: expected at least 1")
+  if prompt_shape[-1] + max_new_tokens > tower.max_len:
+    raise ValueError(f"a {prompt_shape[-1]}-token prompt plus {max_new_tokens} new tokens exceeds "
+                     f"the model's context of {tower.max_len}")
+  if num_return < 1:
+    raise ValueError(f"num_return={num_return}: expected at least 1")
+  if method == "greedy" and num_return != 1:
+    raise ValueError("greedy decoding returns one sequence per prompt")
+  if method == "sample":
+    if rng is None:
+      raise ValueError("sampling needs a PRNG key (rng=jax.random.key(seed))")
+    if not temperature > 0:
+      raise ValueError(f"temperature={temperature}: expected > 0 (use method='greedy')")
+    if top_k < 0:
+      raise ValueError(f"top_k={top_k}: expected >= 0 (0: off)")
+    if not 0 < top_p <= 1:
+      raise ValueError(f"top_p={top_p}: expected 0 < top_p <= 1")
+  if method == "beam":
+    if num_beams < 1:
+      raise ValueError(f"num_beams={num_beams}: expected at least 1")
+    if num_return > num_beams:
+      raise ValueError(f"num_return={num_return} exceeds num_beams={num_beams}")
+
+
+def prefill(model, variables, ids, mask, cache_len: int):
+  """Run the prompts into a fresh cache of `cache_len` slots.
+
+  -> (next-token logits [B, V] after each prompt's last real token, the cache)."""
+  cache = model.text_tower.empty_cache(ids.shape[0], cache_len)
+  out = model.apply(variables, ids, mask, cache, method="decode_text")
+  last = mask.sum(axis=1) - 1
+  return jnp.take_along_axis(out["logits"], last[:, None, None], axis=1)[:, 0], out["cache"]
+
+
+def step(model, variables, tokens, cache):
+  """tokens [B] appended to the cache -> (next-token logits [B, V], the cache)."""
+  out = model.apply(variables, tokens[:, None], jnp.ones_like(tokens)[:, None], cache,
+                    method="decode_text")
+  return out["logits"][:, 0], out["cache"]
+
+
+def lengths(tokens: jax.Array, eos_id: int) -> jax.Array:
+  """tokens [..., N] -> new tokens up to and including the first EOS (N if none)."""
+  n = tokens.shape[-1]
+  first = jnp.argmax(tokens == eos_id, axis=-1)
+  return jnp.where((tokens == eos_id).any(axis=-1), first + 1, n)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _decode(model, s: Settings, variables, ids, mask, rng) -> Decoded:
+  b = ids.shape[0]
+  if s.method == "beam":
+    logits, cache = prefill(model, variables, ids, mask, ids.shape[1] + s.max_new_tokens)
+    tokens, scores = beam.search(functools.partial(step, model, variables), logits, cache, s)
+    tokens, scores = tokens[:, :s.num_return], scores[:, :s.num_return]
+  else:
+    n = s.num_return
+    ids, mask = jnp.repeat(ids, n, axis=0), jnp.repeat(mask, n, axis=0)  # [B * n, P]
+    tokens, scores = _greedy_or_sample(model, variables, ids, mask, rng, s)
+    tokens, scores = tokens.reshape(b, n, -1), scores.reshape(b, n)
+  return Decoded(tokens, scores, lengths(tokens, s.eos_id))
+
+
+def _greedy_or_sample(model, variables, ids, mask, rng, s: Settings):
+  """-> tokens [B, N], the sum of their log-probabilities [B]."""
+  b, n = ids.shape[0], s.max_new_tokens
+  logits, cache = prefill(model, variables, ids, mask, ids.shape[1] + n)
+
+  def choose(t, logits):
+    if s.method == "greedy":
+      return jnp.argmax(logits, axis=-1)
+    allowed = filter_logits(logits, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p)
+    return jax.random.categorical(jax.random.fold_in(rng, t), allowed, axis=-1)
+
+  def body(state):
+    t, tokens, logits, cache, done, score = state
+    tok = jnp.where(done, s.pad_id, choose(t, logits)).astype(jnp.int32)
+    logp = jnp.take_along_axis(jax.nn.log_softmax(logits), tok[:, None], axis=-1)[:, 0]
+    score = score + jnp.where(done, 0.0, logp)
+    done = done | (tok == s.eos_id)
+    # A finished row still steps (its pad goes unused): the batch moves together.
+    logits, cache = step(model, variables, tok, cache)
+    return t + 1, tokens.at[:, t].set(tok), logits, cache, done, score
+
+  def cond(state):
+    t, *_, done, _ = state
+    return (t < n) & ~done.all()
+
+  state = (jnp.int32(0), jnp.full((b, n), s.pad_id, jnp.int32), logits, cache,
+           jnp.zeros((b,), bool), jnp.zeros((b,), jnp.float32))
+  _, tokens, *_, score = jax.lax.while_loop(cond, body, state)
+  return tokens, score
