@@ -12,6 +12,7 @@ $(BIN)/mmjax: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q --no-deps 'jax2onnx==0.17.1'
 	touch $@
 
 demo: $(BIN)/mmjax

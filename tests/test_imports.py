@@ -13,7 +13,7 @@ LAYERS = {
     "mmjax.models": 1, "mmjax.objectives": 1, "mmjax.data": 1,
     "mmjax.io": 2, "mmjax.parallel": 3,
     "mmjax.evals": 4, "mmjax.tuning": 4, "mmjax.generate": 4,
-    "mmjax.train": 5,
+    "mmjax.train": 5, "mmjax.deploy": 5,
     "mmjax.cli": 6, "mmjax": 6,
 }
 
