@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # Huge pages for malloc: ~85 ms/step less page-fault time on CPU (docs/cpu_performance.md).
 export GLIBC_TUNABLES := glibc.malloc.hugetlb=1
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench clean chromium
 
 $(BIN)/mmjax: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,7 +18,14 @@ $(BIN)/mmjax: pyproject.toml
 demo: $(BIN)/mmjax
 	$(BIN)/mmjax demo --workdir $${WORKDIR:-workdirs/demo}
 
-test: $(BIN)/mmjax
+# The headless browser of tests/test_serve_browser.py: Debian's chromium and its driver
+# (as root; playwright's own browser download is not reachable everywhere).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+chromium:
+	@(command -v chromium && command -v chromedriver) >/dev/null || \
+	  ($(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium chromium-driver)
+
+test: $(BIN)/mmjax chromium
 	$(BIN)/python -m pytest -q -n 2 --dist loadgroup tests
 
 bench: $(BIN)/mmjax

@@ -7,6 +7,14 @@
   mmjax demo  [--workdir DIR] [--config.key=value ...]
   mmjax convert --from-hf HF_DIR --to WORKDIR [--config BASE.py] [--image-size N]
   mmjax convert --to-hf WORKDIR --out HF_DIR [--step N]
+  mmjax export --workdir DIR --out EXPORT_DIR [--what image,text,zeroshot,classify,caption]
+      [--format stablehlo|onnx] [--step N]
+  mmjax quantize --workdir DIR --out NEW_DIR --mode int8-weight|w8a8 [--calibration-steps N]
+  mmjax generate --workdir DIR --image a.png [--prompt TEXT] [--beams 4 | --temperature 0.8
+      --top-k 40 --top-p 0.95] [--max-tokens 32] [--num-samples 3]
+  mmjax generate --workdir GPT2_DIR --text "Once upon a time" [--text ...]
+  mmjax serve --workdir DIR | --export EXPORT_DIR [--host 127.0.0.1 --port 8000 --max-batch 16
+      --max-wait-ms 5 --queue 256 --timeout-s 30 --no-batching]
 
 Overrides are `--config.<dotted key>=<value>`; a key that does not exist fails
 before anything is computed, naming the nearest valid key.
@@ -22,6 +30,10 @@ import sys
 from mmjax import io
 from mmjax.config import ConfigError, load_config
 from mmjax.data import DataError
+from mmjax.deploy import export as export_lib
+from mmjax.deploy import quantize as quantize_lib
+from mmjax.deploy.serve import command as serve_command
+from mmjax.generate import run as generate_run
 from mmjax.io import CheckpointMismatch, UnreadableCheckpoint, UnsupportedModel
 from mmjax.train.loop import NonFiniteLoss, evaluate, finetune, train
 from mmjax.train.state import initial_state
@@ -53,6 +65,9 @@ def _parser() -> argparse.ArgumentParser:
     if name == "finetune":
       s.add_argument("--init", default=None, metavar="CKPT_OR_HF_DIR",
                      help="pretrained mmjax workdir or HF directory (default: config.init.path)")
+  export_lib.add_arguments(sub.add_parser(
+      "export", help="StableHLO (jax.export) or ONNX files of a workdir's model that run "
+                     "without mmjax's model code"))
   c = sub.add_parser("convert", help="Hugging Face directory <-> mmjax workdir")
   way = c.add_mutually_exclusive_group(required=True)
   way.add_argument("--from-hf", metavar="HF_DIR", help="config.json + model.safetensors")
@@ -67,6 +82,15 @@ def _parser() -> argparse.ArgumentParser:
   c.add_argument("--allow-missing", default="",
                  help="regex of mmjax params that may be absent (new heads, fusion)")
   c.add_argument("--step", type=int, default=None, help="with --to-hf: checkpoint step")
+  quantize_lib.add_arguments(sub.add_parser(
+      "quantize", help="a new workdir with int8 weights (int8-weight) or int8 weights and "
+                       "inputs (w8a8) of every Dense layer (qwix)"))
+  serve_command.add_arguments(sub.add_parser(
+      "serve", help="an HTTP server (FastAPI) for a workdir's or export's model: embeddings, "
+                    "zero-shot, classify, caption; dynamic batching; a browser page at /"))
+  generate_run.add_arguments(sub.add_parser(
+      "generate", help="caption images, answer questions or continue texts (one JSON line "
+                       "per input)"))
   return p
 
 
@@ -125,6 +149,14 @@ def main(argv: list[str] | None = None) -> int:
                       force=True)
   for noisy in ("absl", "jax._src", "orbax", "grain"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
+  if args.command == "generate":
+    return generate_run.main(args)
+  if args.command == "export":
+    return export_lib.main(args)
+  if args.command == "quantize":
+    return quantize_lib.main(args)
+  if args.command == "serve":
+    return serve_command.main(args)
   if args.command == "convert":
     try:
       return _convert(args, overrides)

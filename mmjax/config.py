@@ -77,9 +77,19 @@ def _parse(raw: str, old: Any, name: str) -> Any:
 
 
 def set_key(cfg: ml_collections.ConfigDict, key: str, raw: str) -> None:
-  """Set a dotted key from its command-line string; the key must exist."""
+  """Set a dotted key from its command-line string; the key must exist, except under
+  `objective_options.<objective>.<option>`, whose options are the objective function's
+  keyword arguments (config_checks.validate checks their names against them)."""
   node = cfg
   parts = key.split(".")
+  if len(parts) == 3 and parts[0] == "objective_options" and "objective_options" in cfg:
+    options = cfg.objective_options
+    with options.unlocked():
+      if parts[1] not in options:
+        options[parts[1]] = ml_collections.ConfigDict()
+      if parts[2] not in options[parts[1]]:
+        options[parts[1]][parts[2]] = _parse(raw, None, f"--config.{key}")
+        return
   for i, part in enumerate(parts):
     if not isinstance(node, ml_collections.ConfigDict) or part not in node:
       raise _unknown(key, cfg)
@@ -130,6 +140,16 @@ def with_defaults(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     model = cfg.get("model")
     if isinstance(model, ml_collections.ConfigDict) and "classifier" not in model:
       model.classifier = ml_collections.ConfigDict(dict(input="image", num_classes=0))
+    if isinstance(model, ml_collections.ConfigDict) and "decoder" not in model:
+      # The text tower as a generation decoder (mmjax/models/registry.py DECODER_DEFAULTS).
+      model.decoder = ml_collections.ConfigDict(dict(cross_attention=False, prefix_lm=False,
+                                                     tie_embed=True))
+    if isinstance(model, ml_collections.ConfigDict):
+      # Every tower's blocks as one nn.scan, and what backprop keeps of each block
+      # (mmjax/models/layers.py Encoder, REMAT_POLICIES).
+      for key, default in (("scan_layers", False), ("remat", "none")):
+        if key not in model:
+          model[key] = default
     if "objective_options" not in cfg:
       cfg.objective_options = ml_collections.ConfigDict()
   return cfg
@@ -195,6 +215,7 @@ DATA_FIELDS = dict(
     vocab_size=1000,          # of the trained WordPiece tokenizer
     cache_dir="",             # "" = $MMJAX_CACHE or ~/.cache/mmjax
     text_field="caption",     # the example field that becomes the text tokens
+    prefix_field="",          # a field put before the text as a decoder's prefix ("question")
     token_labels="",          # a per-word tag field to align to tokens ("word_tags"); "" = none
     train_examples=0,         # > 0: a fixed seeded subset of the train split (a label budget)
 )
@@ -207,6 +228,9 @@ SOURCE_FIELDS = {
     "folder": dict(path="", label_key="label", test_fraction=0.2, on_bad="skip"),
     "tfds": dict(tfds_name="", data_dir="", image_key="image", text_key="", label_key="label",
                  caption_template="a photo of a {}."),
+    # Tar shards (img2dataset's layout): paths, brace patterns or gs:// URLs; eval_shards
+    # for every split but train; samples shuffled in blocks of shuffle_buffer.
+    "webdataset": dict(shards="", eval_shards="", shuffle_buffer=1000),
 }
 
 
@@ -260,8 +284,12 @@ def base_config() -> ml_collections.ConfigDict:
       name="adamw", lr=1e-3, b1=0.9, b2=0.98, eps=1e-8, weight_decay=0.05, momentum=0.9,
       schedule="cosine", warmup_steps=100, warmup_epochs=0.0, end_lr_factor=0.0, clip_norm=1.0,
       accum_steps=1, frozen="", no_decay=NO_DECAY))
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+  # The batch splits over data x fsdp; `model` > 1 is tensor parallelism (mmjax/parallel.py).
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1))
   c.sharding_rules = ()         # ((regex, (axis or None, ...)), ...), e.g. ((r"kernel$", ("fsdp",)),)
+  # Params no rule matches: tactic "fsdp" splits each one over min_size_mb on its largest
+  # dimension the fsdp axis divides; "rules" replicates them.
+  c.sharding = ml_collections.ConfigDict(dict(tactic="rules", min_size_mb=4.0))
   # Multi-process runs: auto=True on TPU VMs / SLURM, else coordinator "host:port".
   c.distributed = ml_collections.ConfigDict(dict(auto=False, coordinator="", num_processes=1,
                                                  process_id=0))

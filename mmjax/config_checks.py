@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
 import math
 from typing import Any, Iterable
 
 import ml_collections
 
+from mmjax import objectives as objectives_lib
 from mmjax.config import ConfigError, base_config, data_fields
 
 
@@ -97,6 +99,7 @@ RANGES: dict[str, Range] = {
     "data.test_fraction": Range(0, 1, open=("hi",)),   # 0: the splits as given
     "data.train_size": _at_least(1),
     "data.eval_size": _at_least(1),
+    "data.shuffle_buffer": _at_least(1),   # webdataset: samples per shuffled block
     "mix.mixup": NON_NEGATIVE,             # Beta alphas; 0: off
     "mix.cutmix": NON_NEGATIVE,
     "mix.prob": PROBABILITY,
@@ -107,9 +110,23 @@ RANGES: dict[str, Range] = {
     "early_stop.keep_best": _at_least(1),
     "distributed.num_processes": _at_least(1),
     "distributed.process_id": _at_least(0),
+    "finetune.prune.sparsity": Range(0, 1, open=("hi",)),    # 0: off
+    "finetune.prune.begin_step": _at_least(0),
+    "finetune.prune.end_step": _at_least(0),                # 0: the last step
+    "sharding.min_size_mb": NON_NEGATIVE,
 }
 CHOICES: dict[str, tuple[str, ...]] = {
     "early_stop.mode": ("max", "min"),
+    "model.quantize.mode": ("", "int8-weight", "w8a8"),      # mmjax/models/quantized.py
+    "finetune.quantize.weight": ("", "int8"),
+    "finetune.quantize.act": ("", "int8"),
+    "finetune.prune.schedule": ("gradual", "oneshot"),       # mmjax/tuning/prune.py
+    "finetune.prune.scope": ("global", "layer"),
+    "sharding.tactic": ("rules", "fsdp"),      # mmjax/parallel.py TACTICS
+    # mmjax/models/layers.py REMAT_POLICIES, plus "none"
+    "model.remat": ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable",
+                    "checkpoint_dots", "checkpoint_dots_with_no_batch_dims",
+                    "everything_saveable"),
 }
 
 _BASE = base_config()
@@ -120,10 +137,11 @@ TOP_KEYS = (*_BASE, "data", "model", "objective_options", "finetune", "init", "d
 FINETUNE_KEYS = ("strategy", "freeze_towers", "freeze_bottom", "freeze_regex", "modality",
                  "modality_lr_scale", "unfreeze_every", "unfreeze_depth", "unfreeze_towers",
                  "lora_rank", "lora_alpha", "lora_targets", "adapter_dim", "layer_decay",
-                 "lr_groups", "save_frozen")
+                 "lr_groups", "save_frozen", "quantize", "prune")
 GROUP_KEYS: dict[str, tuple[str, ...]] = {
     "optim": tuple(_BASE.optim),
     "mesh": tuple(_BASE.mesh),
+    "sharding": tuple(_BASE.sharding),
     "distributed": tuple(_BASE.distributed),
     "early_stop": tuple(_BASE.early_stop),
     "mix": ("mixup", "cutmix", "prob", "switch_prob"),
@@ -131,6 +149,10 @@ GROUP_KEYS: dict[str, tuple[str, ...]] = {
     "finetune": FINETUNE_KEYS,
     "init": ("path", "step", "new", "ignore", "lr", "towers"),
     "model.classifier": ("input", "num_classes"),
+    "model.quantize": ("mode", "static"),      # written by mmjax quantize
+    "finetune.quantize": ("weight", "act"),
+    "finetune.prune": ("sparsity", "schedule", "scope", "targets", "begin_step", "end_step"),
+    "model.decoder": ("cross_attention", "prefix_lm", "tie_embed"),
 }
 # Evaluator type (mmjax/evals EVALUATORS) -> the fields it reads besides these.
 EVAL_COMMON = ("type", "split", "data")
@@ -141,6 +163,8 @@ EVAL_FIELDS: dict[str, tuple[str, ...]] = {
     "linear_probe": ("label", "train_split", "train_examples", "C"),
     "classification": ("label", "classnames"),
     "ner": ("label", "classnames"),
+    "captioning": ("max_new_tokens", "examples"),
+    "vqa_gen": ("max_new_tokens", "examples"),
 }
 
 
@@ -233,6 +257,14 @@ def _check_keys(config) -> None:
     if name not in objectives:
       raise ConfigError(f"objective_options.{name}: '{name}' is not in objectives "
                         f"{sorted(objectives)}, so nothing would read its options")
+    if name not in objectives_lib.OBJECTIVES:
+      continue      # an unknown objective is reported by the objectives check
+    takes = [p for p in inspect.signature(objectives_lib.OBJECTIVES[name]).parameters
+             if p not in ("outputs", "batch")]
+    for option in options[name] or {}:
+      if option not in takes:
+        raise ConfigError(f"objective_options.{name}.{option}: the {name} objective has no "
+                          f"option {option!r} (its options: {takes})")
 
 
 def _check_batches(config, process_count: int, device_count: int, training: bool) -> None:
@@ -260,6 +292,10 @@ def _check_mesh(mesh, device_count: int) -> None:
 
 
 def _check_training(config) -> None:
+  if ((config.get("model") or {}).get("quantize") or {}).get("mode"):
+    raise ConfigError(f"model.quantize.mode={config.model.quantize.mode!r}: a workdir written "
+                      "by mmjax quantize holds int8 weights for inference; fine-tune the float "
+                      "workdir instead (finetune.quantize trains quantization-aware)")
   objectives = config.get("objectives") or {}
   if not any(w > 0 for w in objectives.values()):
     raise ConfigError(f"objectives={dict(objectives)}: training needs at least one "

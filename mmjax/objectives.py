@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from mmjax import chunked_losses
+
 Array = jax.Array
 Objective = Callable[[Mapping[str, Array], Mapping[str, Array]], tuple[Array, dict[str, Array]]]
 
@@ -26,10 +28,13 @@ def _same_text(batch) -> Array:
   return jnp.all(ids[:, None, :] == ids[None, :, :], axis=-1)
 
 
-def contrastive(outputs, batch):
+def contrastive(outputs, batch, *, chunked: bool = False):
   """CLIP's symmetric softmax loss. Rows with identical captions are all
   positives (the target spreads evenly over them), so duplicate captions in a
-  batch are not pushed apart."""
+  batch are not pushed apart. `chunked`: one [local, local] logit block per device
+  at a time (mmjax/chunked_losses.py) when the batch is split over devices."""
+  if chunked and chunked_losses.ring_size() > 1:
+    return chunked_losses.contrastive(outputs, batch)
   img, txt = outputs["image_emb"], outputs["text_emb"]
   logits = outputs["logit_scale"] * img @ txt.T                    # [B_img, B_txt]
   targets = _same_text(batch).astype(jnp.float32)
@@ -40,9 +45,12 @@ def contrastive(outputs, batch):
   return (i2t + t2i) / 2, {"i2t_acc": correct.mean(), "temperature": 1 / outputs["logit_scale"]}
 
 
-def sigmoid(outputs, batch):
+def sigmoid(outputs, batch, *, chunked: bool = False):
   """SigLIP: independent binary terms for every image-text pair, summed over
-  texts and averaged over images; identical captions count as positives."""
+  texts and averaged over images; identical captions count as positives.
+  `chunked`: as contrastive's."""
+  if chunked and chunked_losses.ring_size() > 1:
+    return chunked_losses.sigmoid(outputs, batch)
   img, txt = outputs["image_emb"], outputs["text_emb"]
   logits = outputs["logit_scale"] * img @ txt.T + outputs["logit_bias"]
   labels = 2.0 * _same_text(batch).astype(jnp.float32) - 1.0
@@ -133,6 +141,32 @@ def token_classify(outputs, batch, *, label: str = "word_tags", label_smoothing:
   return (per_token * w).sum() / n, {"acc": acc}
 
 
+def _next_token(outputs, batch, name: str, label_smoothing: float):
+  """Teacher-forced cross-entropy of `<name>_logits` [B, L, V] against `<name>_targets`,
+  averaged over the tokens `<name>_weights` marks (real, after the prefix) of rows with
+  valid = 1; `acc` is their next-token accuracy."""
+  logits, targets = outputs[f"{name}_logits"], outputs[f"{name}_targets"]
+  w = outputs[f"{name}_weights"].astype(jnp.float32)                # [B, L]
+  if "valid" in batch:
+    w = w * batch["valid"].astype(jnp.float32)[:, None]
+  onehot = optax.smooth_labels(jax.nn.one_hot(targets, logits.shape[-1]), label_smoothing)
+  per_token = optax.softmax_cross_entropy(logits.astype(jnp.float32), onehot)
+  n = jnp.maximum(w.sum(), 1.0)
+  acc = ((jnp.argmax(logits, -1) == targets) * w).sum() / n
+  return (per_token * w).sum() / n, {"acc": acc}
+
+
+def caption(outputs, batch, *, label_smoothing: float = 0.0):
+  """The decoder's next-token loss on the text given the image (captioning; VQA by
+  generation, where the question is a prefix the loss skips): model.py's caption_*."""
+  return _next_token(outputs, batch, "caption", label_smoothing)
+
+
+def lm(outputs, batch, *, label_smoothing: float = 0.0):
+  """The causal text tower's next-token loss on the text alone (GPT-style LM)."""
+  return _next_token(outputs, batch, "lm", label_smoothing)
+
+
 OBJECTIVES: dict[str, Objective] = {
     "contrastive": contrastive,
     "sigmoid": sigmoid,
@@ -141,6 +175,8 @@ OBJECTIVES: dict[str, Objective] = {
     "classify": classify,
     "distill": distill,
     "token_classify": token_classify,
+    "caption": caption,
+    "lm": lm,
 }
 
 

@@ -105,3 +105,28 @@ def pytest_collection_modifyitems(items):
   """The few slow end-to-end tests first: the workers then finish together instead of
   one running a long test alone at the end."""
   items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
+@pytest.fixture(scope="session")
+def serve_workdir(tmp_path_factory):
+  """An untrained caption_shapes:tiny workdir (image tower, causal text tower that
+  cross-attends to it, joint embedding) with a 3-class image classifier and class names:
+  a model with every route `mmjax serve` has (embeddings, zero-shot, classify, caption)."""
+  def build(workdir):
+    import ml_collections  # pylint: disable=g-import-not-at-top
+    import mmjax  # pylint: disable=g-import-not-at-top
+    from mmjax.data.tokenizer import train_wordpiece  # pylint: disable=g-import-not-at-top
+    from mmjax.io import hf, workdir as workdirs  # pylint: disable=g-import-not-at-top
+    from mmjax.io.loading import special_ids  # pylint: disable=g-import-not-at-top
+    from mmjax.train.state import initial_state  # pylint: disable=g-import-not-at-top
+    config = mmjax.load_config("caption_shapes:tiny", ["--config.evals={}"])
+    with config.unlocked():
+      config.model.classifier = ml_collections.ConfigDict(dict(num_classes=3, input="image"))
+    tok = train_wordpiece(["a small red circle", "a big blue square left of a green triangle",
+                           "a cat", "a dog"] * 4, 64)
+    model = mmjax.build_model(config, tok.vocab_size, special_ids(tok))
+    workdirs.write_workdir(workdir, config, initial_state(config, hf.init_params(model, config)),
+                           {}, tok)
+    workdirs.write_label_names(workdir, {"label": ["circle", "square", "triangle"]})
+    return {}
+  return shared_run(tmp_path_factory, "serve_tiny", build)[0]

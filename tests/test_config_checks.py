@@ -36,6 +36,11 @@ SPECS = [
     "classify_files:/data/images", "classify_files:/data/images,tiny",
     "classify_files:/data/{split}.jsonl,tower=resnet", "classify_files:/data/x.csv,tiny",
     "classify_text:/data/{split}.jsonl", "classify_text:/data/texts.csv,tiny",
+    "caption_shapes", "caption_shapes:tiny", "caption_shapes:nocontrastive",
+    "caption_shapes:tiny,nocontrastive", "vqa_gen_shapes", "vqa_gen_shapes:tiny",
+    "lm_text:/data/corpus.txt", "lm_text:/data/docs.jsonl,max_len=64", "lm_text:/data/c.txt,tiny",
+    *(f"{name}_b16{arg}" for name in ("clip", "siglip") for arg in (
+        "", ":smoke", ":data=tfds", ":remat=full,scan=False", ":data=tfds,remat=dots_saveable")),
 ]
 
 
@@ -250,6 +255,17 @@ def test_objectives_need_a_positive_weight_to_train():
   # A converted classifier's workdir config has no objectives: it can be evaluated.
   validate(load_config("demo:tiny", ["--config.objectives={}"]), training=False)
   assert "training needs" in _error("demo:tiny", ["--config.objectives={}"])
+
+
+def test_objective_options_are_set_from_the_command_line_and_checked():
+  c = load_config("demo:tiny", ["--config.objective_options.contrastive.chunked=True"])
+  assert c.objective_options.contrastive.chunked is True
+  validate(c)
+  bogus = ["--config.objective_options.contrastive.chunkd=True"]
+  assert "objective_options.contrastive.chunkd: the contrastive objective has no option " \
+      "'chunkd'" in _error("demo:tiny", bogus)
+  assert "'sigmoid' is not in objectives" in _error(
+      "demo:tiny", ["--config.objective_options.sigmoid.chunked=True"])
 
 
 def test_accumulation_must_divide_total_steps():

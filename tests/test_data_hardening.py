@@ -314,9 +314,9 @@ def test_get_tokenizer_without_sources_builds_its_own(tmp_path, monkeypatch):
 
 
 def test_unknown_source_name_lists_the_registered_ones():
-  assert set(mmdata.SOURCES) == {'shapes', 'digits', 'files', 'folder', 'tfds'}
+  assert set(mmdata.SOURCES) == {'shapes', 'digits', 'files', 'folder', 'tfds', 'webdataset'}
   with pytest.raises(DataError, match=r"data.name='fils': expected one of shapes, digits, "
-                                      r'files, folder, tfds'):
+                                      r'files, folder, tfds, webdataset'):
     mmdata.build_source(ml_collections.ConfigDict(dict(name='fils')), 'train')
   with pytest.raises(DataError, match="data.name='fils'"):
     mmdata.get_tokenizer(ml_collections.ConfigDict(dict(name='fils', cache_dir='')))
@@ -339,7 +339,8 @@ def test_building_one_source_imports_only_its_module(tmp_path):
   assert result.returncode == 0, result.stderr
   loaded = result.stdout.split('\n')[-2]
   assert 'mmjax.data.files' in loaded
-  for other in ('shapes', 'digits', 'tfds_source', 'sklearn', 'tensorflow_datasets'):
+  for other in ('shapes', 'digits', 'tfds_source', 'webdataset_source', 'sklearn',
+                'tensorflow_datasets'):
     assert other not in loaded, loaded
 
 

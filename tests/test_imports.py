@@ -10,7 +10,7 @@ PACKAGE = ROOT / "mmjax"
 # Lower numbers are lower layers; a module may import its own layer or any below it.
 LAYERS = {
     "mmjax.config": 0, "mmjax.config_blocks": 1, "mmjax.config_checks": 1,
-    "mmjax.models": 1, "mmjax.objectives": 1, "mmjax.data": 1,
+    "mmjax.models": 1, "mmjax.objectives": 1, "mmjax.chunked_losses": 1, "mmjax.data": 1,
     "mmjax.io": 2, "mmjax.parallel": 3,
     "mmjax.evals": 4, "mmjax.tuning": 4, "mmjax.generate": 4,
     "mmjax.train": 5, "mmjax.deploy": 5,

@@ -1,4 +1,5 @@
-"""`files`: the user's own image-text pairs, a JSONL or CSV file plus image files.
+"""`files`: the user's own image-text pairs, a JSONL or CSV file plus image files, or
+plain text: a .txt file holds one text (a document, for a language model) per line.
 
 Every row is checked when the source is built: a row whose image is missing
 or does not decode, whose caption or label is empty, or whose text is not valid UTF-8,
@@ -104,8 +105,23 @@ def _read_csv(path: pathlib.Path):
   return header, rows
 
 
-def read_rows(path: pathlib.Path) -> tuple[list[str], list[tuple[int, dict | str]]]:
-  """(columns, rows) of a .jsonl or .csv file.
+def _read_txt(path: pathlib.Path, text_key: str):
+  rows = []
+  with open(path, newline='', encoding='utf-8', errors='surrogateescape') as f:
+    for line_no, line in enumerate(f, start=1):
+      line = line.removeprefix(_BOM) if line_no == 1 else line
+      bad = _encoding_error(line, 'the line')
+      if bad:
+        rows.append((line_no, bad))
+      elif line.strip():
+        rows.append((line_no, {text_key: line.strip()}))
+  return [text_key], rows
+
+
+def read_rows(path: pathlib.Path, text_key: str = 'text'
+              ) -> tuple[list[str], list[tuple[int, dict | str]]]:
+  """(columns, rows) of a .jsonl or .csv file, or of a .txt file (one row per non-blank
+  line, its text under `text_key`).
 
   Each row is (line number, row dict), or (line number, 'reason: detail') when the row
   cannot be read: bad JSON, invalid UTF-8, a CSV row with too many or too few fields.
@@ -119,7 +135,9 @@ def read_rows(path: pathlib.Path) -> tuple[list[str], list[tuple[int, dict | str
     return _read_jsonl(path)
   if suffix == '.csv':
     return _read_csv(path)
-  raise DataError(f'{path}: unknown format {suffix!r}; expected .jsonl or .csv')
+  if suffix == '.txt':
+    return _read_txt(path, text_key)
+  raise DataError(f'{path}: unknown format {suffix!r}; expected .jsonl, .csv or .txt')
 
 
 # Modes whose pixels np.asarray reads in a form image_ops.to_rgb knows; all others are
@@ -162,6 +180,7 @@ class FilesSource:
   file, whose index is the id. `label_file` is that file (`path` when not given), so a
   test split's ids are the train split's. `image_key=''` reads no images (text only).
   With `test_fraction` > 0, only `split`'s part of a seeded stratified split of the rows.
+  A .txt file is text only: each line is a row's `text_key`, and `image_key` is ignored.
   """
 
   def __init__(self, path, image_dir='', image_key='image', text_key='caption',
@@ -170,12 +189,14 @@ class FilesSource:
     if on_bad not in ('skip', 'error'):
       raise DataError(f"data.on_bad={on_bad!r}: expected 'skip' or 'error'")
     self.path = pathlib.Path(path).expanduser()
+    if self.path.suffix.lower() == '.txt':
+      image_key = ''
     self.image_dir = pathlib.Path(image_dir).expanduser() if image_dir else self.path.parent
     self.image_key, self.text_key, self.label_key = image_key, text_key, label_key
     self.skipped = collections.Counter()
     self.skipped_rows = []  # (file, line, reason)
     self.rows = []  # {[image_path,] caption[, label]} for the valid rows
-    columns, rows = read_rows(self.path)
+    columns, rows = read_rows(self.path, text_key)
     self._check_columns(columns, image_key=image_key, text_key=text_key, label_key=label_key)
     names, self._ids = None, None  # label name -> id, when the labels are names
     if label_key:
@@ -232,7 +253,7 @@ class FilesSource:
       if not label_file.is_file():
         raise DataError(f'{self.path}: its labels are named by the train split\'s file '
                         f'{label_file}, which does not exist')
-      rows = read_rows(label_file)[1]
+      rows = read_rows(label_file, self.text_key)[1]
     first_line = {}  # label text -> the line it first appears on
     for line_no, row in rows:
       if isinstance(row, dict):

@@ -7,6 +7,7 @@ state is just a position.
 """
 
 import difflib
+import json
 import math
 
 import grain
@@ -114,13 +115,19 @@ class _Collate:
   (shapes' "word_tags"), turned into int32 [B, L] token labels under the same key
   (ids in `label_names[field]`, -1 off each word's first token).
   A `label_names` entry whose field holds strings is such a tag vocabulary, not an int label.
+  `prefix_field`, when set, names a string field put before the text for a decoder:
+  text = [CLS] prefix [SEP] text [SEP], and prefix_len int32 [B] counts the first part
+  (VQA by generation: the question is the prefix, the answer the target).
   """
 
   def __init__(self, tokenizer, max_len: int, mean, std, label_names, text_field='caption',
-               token_labels=''):
+               token_labels='', prefix_field=''):
     self.tokenizer, self.max_len = tokenizer, max_len
     self.mean, self.std, self.label_names = tuple(mean), tuple(std), dict(label_names)
     self.text_field, self.token_labels = text_field, token_labels
+    self.prefix_field = prefix_field
+    if prefix_field and token_labels:
+      raise DataError('data.prefix_field and data.token_labels cannot be combined')
     if token_labels and token_labels not in self.label_names:
       raise DataError(f'data.token_labels={token_labels!r}: the source has no tag vocabulary '
                       f'for it; its label_names: {sorted(self.label_names)}')
@@ -162,6 +169,9 @@ class _Collate:
       word_labels = [self._word_labels(e, t) for e, t in zip(examples, texts)]
       batch['text'], batch['text_mask'], batch[self.token_labels] = (
           self.tokenizer.encode_word_labels(texts, word_labels, self.max_len))
+    elif self.prefix_field:
+      batch['text'], batch['text_mask'], batch['prefix_len'] = self._with_prefix(examples,
+                                                                                  texts)
     else:
       batch['text'], batch['text_mask'] = self.tokenizer.encode(texts, self.max_len)  # [B, L]
     for key in self.label_names:
@@ -169,6 +179,27 @@ class _Collate:
         batch[key] = np.array([e[key] for e in examples], np.int32)
     batch['valid'] = np.array([e.get('_valid', 1.0) for e in examples], np.float32)
     return batch
+
+
+  def _with_prefix(self, examples, texts):
+    """[CLS] prefix [SEP] + text [SEP] per row: ids, mask [B, L] and prefix_len [B]."""
+    field = self.prefix_field
+    if not isinstance(examples[0].get(field), str):
+      raise DataError(f'data.prefix_field={field!r}: the examples have no text field of that '
+                      f'name; their fields: {sorted(examples[0])}')
+    p_ids, p_mask = self.tokenizer.encode([e[field] for e in examples], self.max_len)
+    t_ids, t_mask = self.tokenizer.encode(texts, self.max_len)
+    ids = np.full_like(p_ids, self.tokenizer.pad_id)
+    mask = np.zeros_like(p_mask)
+    prefix_len = p_mask.sum(axis=1).astype(np.int32)
+    for row, (n, m) in enumerate(zip(prefix_len, t_mask.sum(axis=1))):
+      if n + m - 1 > self.max_len:
+        raise DataError(f'data.max_len={self.max_len} cannot hold data.prefix_field={field!r} '
+                        f'and data.text_field={self.text_field!r} together ({n + m - 1} tokens): '
+                        f'{examples[row][field]!r} {texts[row]!r}')
+      ids[row, :n + m - 1] = np.concatenate([p_ids[row, :n], t_ids[row, 1:m]])   # one [CLS]
+      mask[row, :n + m - 1] = 1
+    return ids, mask, prefix_len
 
 
 class _PadTo:
@@ -228,6 +259,16 @@ def _process_defaults(process_index, process_count) -> tuple[int, int]:
   return process_index, process_count
 
 
+def _transforms(data, source, train: bool, tokenizer) -> tuple[_Preprocess, _Collate]:
+  """The per-example preprocessing and the batch collation that `data` asks for."""
+  preprocess = _Preprocess(int(data.image_size), train, data.get('augment', None))
+  collate = _Collate(tokenizer, int(data.max_len), data.get('mean', (0.5, 0.5, 0.5)),
+                     data.get('std', (0.5, 0.5, 0.5)), source.label_names,
+                     data.get('text_field', 'caption'), data.get('token_labels', ''),
+                     data.get('prefix_field', ''))
+  return preprocess, collate
+
+
 def make_dataset(data, split: str, *, batch_size: int, train: bool, tokenizer,
                  process_index=None, process_count=None, num_epochs=None,
                  source=None) -> grain.MapDataset:
@@ -235,11 +276,10 @@ def make_dataset(data, split: str, *, batch_size: int, train: bool, tokenizer,
   process_index, process_count = _process_defaults(process_index, process_count)
   source = build_source(data, split) if source is None else source
   seed = int(data.get('seed', 0))
-  preprocess = _Preprocess(int(data.image_size), train, data.get('augment', None))
-  collate = _Collate(tokenizer, int(data.max_len), data.get('mean', (0.5, 0.5, 0.5)),
-                     data.get('std', (0.5, 0.5, 0.5)), source.label_names,
-                     data.get('text_field', 'caption'), data.get('token_labels', ''))
+  preprocess, collate = _transforms(data, source, train, tokenizer)
   if train:
+    if getattr(source, 'streaming', False):
+      raise DataError(f'data.name={data.name} is read as a stream: train on make_iterator')
     source = _label_budget(source, int(data.get('train_examples', 0)), seed, split)
     if len(source) < batch_size * process_count:
       raise DataError(f'{split}: {len(source)} examples, fewer than one global batch of '
@@ -255,25 +295,88 @@ def make_dataset(data, split: str, *, batch_size: int, train: bool, tokenizer,
   return ds.batch(batch_size, drop_remainder=train, batch_fn=collate)
 
 
+def _prefetch(ds: grain.IterDataset, workers: int) -> grain.IterDataset:
+  """`ds` computed in `workers` grain processes (none: in this one)."""
+  if workers <= 0:
+    return ds
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()  # grain reads its flags; outside an absl app none were parsed
+  return ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=2))
+
+
+class ProcessStates:
+  """A streamed source's batches, whose position differs between processes: `get_state`
+  gathers every process's into the one checkpointed state (a collective: every process
+  calls it at the same step, as the loop's checkpoints do); `set_state` takes its own back."""
+
+  def __init__(self, iterator, process_index: int, process_count: int):
+    self.iterator, self.index, self.count = iterator, process_index, process_count
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict:
+    return next(self.iterator)
+
+  def get_state(self) -> dict:
+    state = self.iterator.get_state()
+    if self.count == 1:
+      return {'processes': [state]}
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    data = np.frombuffer(json.dumps(state).encode(), np.uint8)
+    longest = int(np.max(multihost_utils.process_allgather(np.array([data.size]))))
+    rows = multihost_utils.process_allgather(np.pad(data, (0, longest - data.size),
+                                                    constant_values=ord(' ')))
+    return {'processes': [json.loads(row.tobytes()) for row in np.asarray(rows)]}
+
+  def set_state(self, state: dict) -> None:
+    states = state.get('processes')
+    if not isinstance(states, list) or len(states) != self.count:
+      saved = len(states) if isinstance(states, list) else 'no per-process'
+      raise DataError(f'the checkpointed data position was saved by {saved} processes and '
+                      f'this run has {self.count}: resume a streamed source (data.name='
+                      'webdataset) with the same number of processes')
+    self.iterator.set_state(states[self.index])
+
+
+def _stream_iterator(data, source, *, batch_size: int, tokenizer, process_index: int,
+                     process_count: int, num_epochs) -> ProcessStates:
+  """Train batches of a source read as a stream (`source.stream`: webdataset shards)."""
+  if int(data.get('train_examples', 0)):
+    raise DataError(f'data.train_examples={data.train_examples}: a streamed source '
+                    f'(data.name={data.name}) has no fixed subset; leave it at 0')
+  seed, workers = int(data.get('seed', 0)), int(data.get('num_workers', 0))
+  preprocess, collate = _transforms(data, source, True, tokenizer)
+  ds = source.stream(seed=seed, process_index=process_index, process_count=process_count,
+                     num_epochs=num_epochs, readers=max(workers, 1))
+  ds = ds.random_map(preprocess, seed=seed).batch(batch_size, drop_remainder=True,
+                                                   batch_fn=collate)
+  if workers <= 0:   # decode beside the train step, not in it
+    ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=4)
+  return ProcessStates(iter(_prefetch(ds, workers)), process_index, process_count)
+
+
 def make_iterator(data, split: str, *, batch_size: int, train: bool, tokenizer,
                   process_index=None, process_count=None, num_epochs=None,
-                  source=None) -> grain.DatasetIterator:
+                  source=None):
   """A checkpointable iterator of numpy batch dicts for this process (see the module docstring).
 
   Keys: image float32 [B, S, S, 3] (none from a text-only source); text, text_mask int32
   [B, L]; each integer label of the source int32 [B]; caption (and other string fields)
   str [B]; valid float32 [B] (0 on the padding that fills the last eval batch). Eval is
-  one pass, unshuffled.
+  one pass, unshuffled. A streamed source (`source.streaming`) trains through
+  `_stream_iterator` instead.
   """
+  source = build_source(data, split) if source is None else source
+  if train and getattr(source, 'streaming', False):
+    process_index, process_count = _process_defaults(process_index, process_count)
+    return _stream_iterator(data, source, batch_size=batch_size, tokenizer=tokenizer,
+                            process_index=process_index, process_count=process_count,
+                            num_epochs=num_epochs)
   ds = make_dataset(data, split, batch_size=batch_size, train=train, tokenizer=tokenizer,
                     process_index=process_index, process_count=process_count,
                     num_epochs=num_epochs, source=source)
   # One element is a whole batch: keep the read-ahead to a few of them.
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
-  workers = int(data.get('num_workers', 0))
-  if workers > 0:
-    from absl import flags  # pylint: disable=g-import-not-at-top
-    if not flags.FLAGS.is_parsed():
-      flags.FLAGS.mark_as_parsed()  # grain reads its flags; outside an absl app none were parsed
-    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=2))
-  return iter(it)
+  return iter(_prefetch(it, int(data.get('num_workers', 0))))

@@ -14,6 +14,7 @@ SOURCES = {
     'files': 'mmjax.data.files',
     'folder': 'mmjax.data.folder',
     'tfds': 'mmjax.data.tfds_source',
+    'webdataset': 'mmjax.data.webdataset_source',
 }
 
 

@@ -1,8 +1,11 @@
 """Text to token ids: a thin wrapper over a Hugging Face `tokenizers.Tokenizer`.
 
-Sequences are `[CLS] tokens [SEP]` padded to a fixed length; the ids of the
-special tokens are found by name, so BERT-style ([CLS]) and RoBERTa-style
-(<s>) vocabularies both work.
+Sequences are `BOS tokens EOS` padded to a fixed length. The ids of the special
+tokens are found by name: BERT-style ([CLS] ... [SEP]) and RoBERTa-style (<s> ... </s>)
+vocabularies give a `Tokenizer`; a GPT-2 byte-level BPE (tokenizer.json, or
+vocab.json + merges.txt), which has only <|endoftext|>, gives a `CausalTokenizer`
+with that token as BOS, EOS and padding. Both say `bos_id` / `eos_id`, which
+generation starts and stops with.
 """
 
 import logging
@@ -18,6 +21,7 @@ from mmjax.data import cache
 from mmjax.data import sources as sources_lib
 from mmjax.data.errors import DataError
 
+ENDOFTEXT = '<|endoftext|>'  # GPT-2's one special token
 SPECIAL_TOKENS = ('[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]')  # ids 0..4 when we train
 _CANDIDATES = {  # role -> names tried in order
     'pad': ('[PAD]', '<pad>'),
@@ -48,6 +52,22 @@ class Tokenizer:
     self.pad_id = ids['pad'] if ids['pad'] is not None else ids['sep']
     self.mask_id, self.unk_id = ids['mask'], ids['unk']
     self.vocab_size = hf.get_vocab_size(with_added_tokens=True)
+
+  @property
+  def bos_id(self) -> int:
+    """What a generated text starts after ([CLS]): a decoder's first input."""
+    return self.cls_id
+
+  @property
+  def eos_id(self) -> int:
+    """What ends a text ([SEP]): a decoder stops when it generates it."""
+    return self.sep_id
+
+  def prompt_ids(self, text: str, whole: bool = False) -> list[int]:
+    """`BOS tokens` of `text`, unpadded: a prompt to continue; `whole`: `BOS tokens EOS`,
+    a finished text such as the question a prefix-LM answers (data.prefix_field)."""
+    ids = [self.bos_id] + self.hf.encode(text, add_special_tokens=False).ids
+    return ids + [self.eos_id] if whole else ids
 
   def encode(self, texts, max_len: int) -> tuple[np.ndarray, np.ndarray]:
     """`[CLS] tokens [SEP]`, truncated so that [SEP] stays last, padded with pad_id."""
@@ -109,6 +129,63 @@ class Tokenizer:
     return path
 
 
+class CausalTokenizer(Tokenizer):
+  """A GPT-2 vocabulary (no [CLS]): <|endoftext|> is BOS, EOS and padding (the mask marks
+  padding, so it is never read as a token); no [MASK] or [UNK] (byte-level BPE spells any
+  text)."""
+
+  def __init__(self, hf: tokenizers.Tokenizer, source: str = '<memory>'):
+    eos = hf.token_to_id(ENDOFTEXT)
+    if eos is None:
+      raise DataError(f'{source}: tokenizer has neither a [CLS]-like token '
+                      f'({", ".join(_CANDIDATES["cls"])}) nor {ENDOFTEXT}')
+    self.hf = hf
+    self.cls_id = self.sep_id = self.pad_id = eos
+    self.mask_id, self.unk_id = None, None
+    self.vocab_size = hf.get_vocab_size(with_added_tokens=True)
+
+  def _pack(self, encodings, max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """`<|endoftext|> tokens <|endoftext|>` cut to `max_len`: a text cut short keeps no
+    EOS, so a language model learns to stop only where texts end."""
+    if max_len < 2:
+      raise DataError(f'max_len={max_len}: need room for {ENDOFTEXT} and a token')
+    ids = np.full((len(encodings), max_len), self.pad_id, np.int32)
+    mask = np.zeros((len(encodings), max_len), np.int32)
+    for row, enc in enumerate(encodings):
+      tokens = ([self.bos_id] + enc.ids + [self.eos_id])[:max_len]
+      ids[row, :len(tokens)] = tokens
+      mask[row, :len(tokens)] = 1
+    return ids, mask
+
+
+def from_hf(hf: tokenizers.Tokenizer, source: str = '<memory>') -> Tokenizer:
+  """A `Tokenizer` for a vocabulary with [CLS]-like tokens, else a `CausalTokenizer`.
+
+  Padding and truncation settings saved in a tokenizer.json (all-MiniLM-L6-v2 pads every
+  text to 128 tokens) are switched off: `encode` pads and builds the mask itself."""
+  hf.no_padding()
+  hf.no_truncation()
+  has_cls = any(hf.token_to_id(n) is not None for n in _CANDIDATES['cls'])
+  if not has_cls and hf.token_to_id(ENDOFTEXT) is not None:
+    return CausalTokenizer(hf, source)
+  return Tokenizer(hf, source)
+
+
+def _byte_level_bpe(directory: pathlib.Path) -> tokenizers.Tokenizer:
+  """GPT-2's tokenizer from its vocab.json + merges.txt (what tokenizer.json would hold)."""
+  try:
+    model = models.BPE.from_file(str(directory / 'vocab.json'), str(directory / 'merges.txt'))
+  except Exception as e:  # tokenizers raises its own bare Exception on a bad file
+    raise DataError(f'{directory}: vocab.json / merges.txt are not a BPE vocabulary ({e})'
+                    ) from None
+  hf = tokenizers.Tokenizer(model)
+  hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  hf.decoder = decoders.ByteLevel()
+  if hf.token_to_id(ENDOFTEXT) is not None:
+    hf.add_special_tokens([ENDOFTEXT])   # matched whole in text, dropped by decode
+  return hf
+
+
 def _whitespace_words(text: str) -> np.ndarray:
   """int [len(text)]: the index of the `str.split()` word each character is in, -1 on spaces."""
   word_of_char = np.full(len(text), -1)
@@ -125,19 +202,30 @@ def _bert_pipeline(model) -> tokenizers.Tokenizer:
   return hf
 
 
+def _read_json_tokenizer(path: pathlib.Path) -> tokenizers.Tokenizer:
+  try:
+    return tokenizers.Tokenizer.from_file(str(path))
+  except Exception as e:  # tokenizers raises its own bare Exception on a bad file
+    raise DataError(f'{path}: not a Hugging Face tokenizer.json ({e})') from None
+
+
 def load_tokenizer(path) -> Tokenizer:
-  """A local Hugging Face tokenizer dir: tokenizer.json, or a BERT vocab.txt alone."""
+  """A local Hugging Face tokenizer: a tokenizer.json (file or in the folder), else a
+  BERT vocab.txt, else GPT-2's vocab.json + merges.txt."""
   path = pathlib.Path(path).expanduser()
   if path.is_file() and path.suffix == '.json':
-    return Tokenizer(tokenizers.Tokenizer.from_file(str(path)), str(path))
+    return from_hf(_read_json_tokenizer(path), str(path))
   if (path / 'tokenizer.json').is_file():
-    return Tokenizer(tokenizers.Tokenizer.from_file(str(path / 'tokenizer.json')), str(path))
+    return from_hf(_read_json_tokenizer(path / 'tokenizer.json'), str(path))
   if (path / 'vocab.txt').is_file():
     model = models.WordPiece.from_file(str(path / 'vocab.txt'), unk_token='[UNK]')
     return Tokenizer(_bert_pipeline(model), str(path))
+  if (path / 'vocab.json').is_file() and (path / 'merges.txt').is_file():
+    return from_hf(_byte_level_bpe(path), str(path))
   if not path.exists():
     raise DataError(f'tokenizer path {path} does not exist')
-  raise DataError(f'tokenizer path {path}: no tokenizer.json or vocab.txt in it')
+  raise DataError(f'tokenizer path {path}: no tokenizer.json, vocab.txt or vocab.json + '
+                  'merges.txt in it')
 
 
 def train_wordpiece(texts, vocab_size: int) -> Tokenizer:

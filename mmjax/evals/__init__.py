@@ -8,7 +8,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
-from mmjax.evals import classification, itm, linear_probe, ner, retrieval, zeroshot
+from mmjax.evals import (captioning, classification, itm, linear_probe, ner, retrieval,
+                         zeroshot)
 from mmjax.evals.context import EvalContext
 
 EVALUATORS: dict[str, Callable[[EvalContext, Any], dict[str, float]]] = {
@@ -18,6 +19,8 @@ EVALUATORS: dict[str, Callable[[EvalContext, Any], dict[str, float]]] = {
     "linear_probe": linear_probe.evaluate,
     "classification": classification.evaluate,
     "ner": ner.evaluate,
+    "captioning": captioning.evaluate,
+    "vqa_gen": captioning.evaluate_vqa,
 }
 
 

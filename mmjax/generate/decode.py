@@ -1,11 +1,13 @@
-"""Decoding a causal LM (a text tower with causal=True, head="lm") with a KV cache.
+"""Decoding a causal LM (a text tower with causal=True, head="lm") with a KV cache,
+optionally conditioned on images (a captioner's cross-attention) and on a bidirectional
+prompt (a prefix-LM).
 
 The prompt is prefilled in one call, then one token per step runs inside a
 `lax.while_loop` under one `jax.jit`: the number of steps taken is data, not shape,
 so a run compiles once per (model, batch, prompt length, max_new_tokens, settings).
 
 Shapes: B prompts, P prompt length (right-padded), N = max_new_tokens, V vocabulary,
-K beams, n sequences returned per prompt.
+K beams, n sequences returned per prompt, M image tokens.
 """
 from __future__ import annotations
 
@@ -50,7 +52,8 @@ class Settings:
   num_return: int = 1
 
 
-def decode(model, variables, prompt_ids, prompt_mask, *, max_new_tokens: int, eos_id: int,
+def decode(model, variables, prompt_ids, prompt_mask, *, images=None, max_new_tokens: int,
+           eos_id: int,
            pad_id: int, method: str = "greedy", rng: jax.Array | None = None,
            temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
            num_beams: int = 4, length_penalty: float = 1.0, num_return: int = 1) -> Decoded:
@@ -58,7 +61,11 @@ def decode(model, variables, prompt_ids, prompt_mask, *, max_new_tokens: int, eo
 
   model: a MultimodalModel whose text tower is causal with head="lm" (GPT-2 style);
   variables: what model.apply takes ({"params": ...}).
-  prompt_ids, prompt_mask [B, P]: right-padded prompts, at least one real token each.
+  prompt_ids, prompt_mask [B, P]: right-padded prompts, at least one real token each
+  (a captioner's: [CLS] alone; a prefix-LM's prompt is its bidirectional prefix).
+  images [B, H, W, C] (preprocessed): for a decoder with cross-attention; the image tower
+  runs once, and the keys/values of its tokens are projected once into the cache, which
+  samples and beams repeat per row.
   method "greedy"; "sample" (needs `rng`; temperature > 0, top_k >= 0 with 0 off,
   0 < top_p <= 1; num_return independent samples per prompt); "beam" (`num_beams`,
   `length_penalty`, Hugging Face's default early stopping; the num_return best).
@@ -69,6 +76,14 @@ def decode(model, variables, prompt_ids, prompt_mask, *, max_new_tokens: int, eo
                      "text.head='lm')")
   _check_settings(tower, np.shape(prompt_ids), method, max_new_tokens, rng, temperature, top_k,
                   top_p, num_beams, num_return)
+  if tower.cross and images is None:
+    raise ValueError("this decoder cross-attends to images: pass images [B, H, W, C]")
+  if images is not None:
+    if not tower.cross:
+      raise ValueError("images given, but this decoder has no cross-attention to read them")
+    if np.ndim(images) != 4 or np.shape(images)[0] != np.shape(prompt_ids)[0]:
+      raise ValueError(f"images {np.shape(images)}: expected [B, H, W, C] with B = "
+                       f"{np.shape(prompt_ids)[0]} prompts")
   if getattr(prompt_mask, "is_fully_addressable", True):   # not a multi-host global array
     _check_prompts(np.asarray(prompt_ids), np.asarray(prompt_mask))
   settings = Settings(method, max_new_tokens, eos_id, pad_id, float(temperature), top_k,
@@ -77,7 +92,8 @@ def decode(model, variables, prompt_ids, prompt_mask, *, max_new_tokens: int, eo
   rng = jax.random.key(0) if rng is None else rng
   # Prompts sharded over the batch stay so: the cache and every step follow them.
   return _decode(model, settings, variables, jnp.asarray(prompt_ids, jnp.int32),
-                 jnp.asarray(prompt_mask, jnp.int32), rng)
+                 jnp.asarray(prompt_mask, jnp.int32), rng,
+                 None if images is None else jnp.asarray(images))
 
 
 def _check_prompts(ids, mask):
@@ -119,12 +135,15 @@ def _check_settings(tower, prompt_shape, method, max_new_tokens, rng, temperatur
       raise ValueError(f"num_return={num_return} exceeds num_beams={num_beams}")
 
 
-def prefill(model, variables, ids, mask, cache_len: int):
-  """Run the prompts into a fresh cache of `cache_len` slots.
+def prefill(model, variables, ids, mask, cache_len: int, image_tokens=None):
+  """Run the prompts (and, for cross-attention, image_tokens [B, M, D]) into a fresh
+  cache of `cache_len` slots; a prefix-LM's prompts are its bidirectional prefix.
 
   -> (next-token logits [B, V] after each prompt's last real token, the cache)."""
   cache = model.text_tower.empty_cache(ids.shape[0], cache_len)
-  out = model.apply(variables, ids, mask, cache, method="decode_text")
+  prefix_len = mask.sum(axis=1) if getattr(model, "prefix_lm", False) else None
+  out = model.apply(variables, ids, mask, cache, image_tokens=image_tokens,
+                    prefix_len=prefix_len, method="decode_text")
   last = mask.sum(axis=1) - 1
   return jnp.take_along_axis(out["logits"], last[:, None, None], axis=1)[:, 0], out["cache"]
 
@@ -144,24 +163,30 @@ def lengths(tokens: jax.Array, eos_id: int) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def _decode(model, s: Settings, variables, ids, mask, rng) -> Decoded:
+def _decode(model, s: Settings, variables, ids, mask, rng, images) -> Decoded:
   b = ids.shape[0]
+  image_tokens = None                                                   # [B, M, D]
+  if images is not None:
+    image_tokens = model.apply(variables, images, method="image_memory")
   if s.method == "beam":
-    logits, cache = prefill(model, variables, ids, mask, ids.shape[1] + s.max_new_tokens)
+    logits, cache = prefill(model, variables, ids, mask, ids.shape[1] + s.max_new_tokens,
+                            image_tokens)
     tokens, scores = beam.search(functools.partial(step, model, variables), logits, cache, s)
     tokens, scores = tokens[:, :s.num_return], scores[:, :s.num_return]
   else:
     n = s.num_return
     ids, mask = jnp.repeat(ids, n, axis=0), jnp.repeat(mask, n, axis=0)  # [B * n, P]
-    tokens, scores = _greedy_or_sample(model, variables, ids, mask, rng, s)
+    if image_tokens is not None:
+      image_tokens = jnp.repeat(image_tokens, n, axis=0)
+    tokens, scores = _greedy_or_sample(model, variables, ids, mask, rng, s, image_tokens)
     tokens, scores = tokens.reshape(b, n, -1), scores.reshape(b, n)
   return Decoded(tokens, scores, lengths(tokens, s.eos_id))
 
 
-def _greedy_or_sample(model, variables, ids, mask, rng, s: Settings):
+def _greedy_or_sample(model, variables, ids, mask, rng, s: Settings, image_tokens=None):
   """-> tokens [B, N], the sum of their log-probabilities [B]."""
   b, n = ids.shape[0], s.max_new_tokens
-  logits, cache = prefill(model, variables, ids, mask, ids.shape[1] + n)
+  logits, cache = prefill(model, variables, ids, mask, ids.shape[1] + n, image_tokens)
 
   def choose(t, logits):
     if s.method == "greedy":

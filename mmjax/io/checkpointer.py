@@ -4,7 +4,9 @@ Saves are asynchronous and atomic (Orbax writes to a temporary folder and
 renames), so a crash or a NaN stop never leaves a half-written latest step, and
 the temporary folders of an interrupted save are removed when the next run
 opens the workdir. Restoring takes the target's shardings, so a run may resume
-on another mesh.
+on another mesh, and its stack layout: a checkpoint of scanned blocks
+(model.scan_layers) resumes an unrolled run and vice versa, optimizer state included
+(mmjax/io/layers_layout.py).
 
 A step that cannot be read (a truncated or corrupt file) is reported in one line
 naming the step and the reason; `restore` then falls back to the newest step that
@@ -20,6 +22,7 @@ like any other.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import pathlib
@@ -33,6 +36,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from mmjax.io import layers_layout
 from mmjax.io.trees import CheckpointMismatch, drop_params, fill_params, shapes_by_name, \
     tree_mismatch
 
@@ -173,9 +177,19 @@ class Checkpointer:
     data = self.data_of(step)
     base = data.get("base")
     full = target
+    saved = self._state_metadata(step)
+    # The other stack layout (model.scan_layers): read in its own, then convert.
+    stored = layers_layout.scanned_names(shapes_by_name(saved["params"]))
+    relayout = stored is not None and layers_layout.is_scanned(target.params) not in (
+        None, stored)
+    if relayout:
+      if base:
+        raise CheckpointMismatch(
+            f"checkpoint {self.directory}/{step} is a fine-tune delta written with "
+            f"model.scan_layers={stored}: resume it with the same model.scan_layers")
+      target = layers_layout.to_layout(target, stored, layers_layout.encoder_depths(full.params))
     if base:
       target = target.replace(params=drop_params(target.params, base["params"]))
-    saved = self._state_metadata(step)
     problems = tree_mismatch(shapes_by_name(saved["params"]), shapes_by_name(target.params))
     if problems:
       raise CheckpointMismatch(f"checkpoint {self.directory}/{step} does not fit this "
@@ -192,14 +206,18 @@ class Checkpointer:
       raise CheckpointMismatch(f"checkpoint {self.directory}/{step} has params that fit, but "
                                f"not this model's BatchNorm statistics:\n{problems}")
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-    if "batch_stats" in saved:
+    fields = [f.name for f in dataclasses.fields(target)]
+    if all(name in saved for name in fields):
       state = self._read_state(step, abstract)
-    else:   # written before the state held BatchNorm statistics: the model has none
-      fields = ("step", "params", "opt_state", "rng")
+    else:   # written before the state held BatchNorm statistics or pruning masks: the
+      # run has none, and the target's {} stands
+      fields = [name for name in fields if name in saved]
       state = target.replace(**self._read_state(step, {k: getattr(abstract, k) for k in fields}))
     if base:
       state = state.replace(params=fill_params(state.params, self._base_params(step, base),
                                                full.params))
+    if relayout:
+      state = layers_layout.onto(state, full)
     return state, data, step
 
   def read_params(self, step: int | None = None) -> tuple[dict, int]:

@@ -29,6 +29,7 @@ from flax import traverse_util
 
 from mmjax.models.registry import resnet_size
 from mmjax.models.vit import resample_posemb
+from mmjax.io import layers_layout
 from mmjax.io.trees import CheckpointMismatch
 
 # Buffers some checkpoints carry that are not parameters.
@@ -253,7 +254,12 @@ def import_params(tensors: dict[str, np.ndarray], arch: str, config, expected,
     (a new task head); those take their value from `init`.
   ignore: regex on HF tensor names to leave unused (a head this model does not have).
   An image tower's position embedding whose grid differs is resampled (bilinear).
+  A scanned model's (model.scan_layers) params come back stacked like `expected`.
   """
+  scanned = bool(layers_layout.is_scanned(expected))
+  if scanned:    # the rules name unrolled blocks: match them unrolled, stack at the end
+    expected = layers_layout.to_layout(expected, False)
+    init = None if init is None else layers_layout.to_layout(init, False)
   want = traverse_util.flatten_dict(expected, sep="/")
   rule_list, tied = rules(arch, config.model, detect_prefix(arch, tensors))
   allowed = re.compile(allow_missing) if allow_missing else None
@@ -303,14 +309,15 @@ def import_params(tensors: dict[str, np.ndarray], arch: str, config, expected,
                       and not (skip and skip.search(k)))
   if missing or unexpected or misshaped:
     raise KeyMismatch(source, missing, unexpected, misshaped)
-  return traverse_util.unflatten_dict(out, sep="/")
+  return layers_layout.to_layout(traverse_util.unflatten_dict(out, sep="/"), scanned)
 
 
 def export_params(params, arch: str, config) -> dict[str, np.ndarray]:
   """mmjax params (+ "batch_stats", see the module doc) -> HF tensors (float32, but
-  num_batches_tracked's int64; contiguous), the keys transformers saves."""
+  num_batches_tracked's int64; contiguous), the keys transformers saves. Scanned params
+  (model.scan_layers) are unstacked first."""
   flat = {k: np.asarray(v, np.float32) for k, v in
-          traverse_util.flatten_dict(params, sep="/").items()}
+          traverse_util.flatten_dict(layers_layout.to_layout(params, False), sep="/").items()}
   rule_list, _ = rules(arch, config.model)
   out, parts = {}, {}
   for r in rule_list:

@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from mmjax.data.tokenizer import Tokenizer, get_tokenizer, load_tokenizer
-from mmjax.io import hf, workdir
+from mmjax.io import hf, layers_layout, workdir
 from mmjax.io.checkpointer import Checkpointer
 from mmjax.io.preprocess import ImagePreprocess
 from mmjax.io.trees import CheckpointMismatch, flat, unflat
@@ -96,7 +96,7 @@ def tokenizer_path(path: pathlib.Path, config) -> str:
   data.tokenizer."""
   if (path / "tokenizer.json").is_file():
     return str(path / "tokenizer.json")
-  if (path / "vocab.txt").is_file():
+  if (path / "vocab.txt").is_file() or (path / "merges.txt").is_file():   # BERT's, GPT-2's
     return str(path)
   return str(config.data.get("tokenizer", "")) if "data" in config else ""
 
@@ -118,7 +118,8 @@ def load(path, step: int | None = None, *, config: ml_collections.ConfigDict | N
   config: for an HF directory, the mmjax model to import the weights into (default: the
     one the directory describes); `new` (regex of mmjax params left at a fresh init) and
     `ignore` (regex of HF tensors to leave unused) relax the strict key check. A workdir's
-    params come back as saved, less those matching `ignore`.
+    params come back as saved, less those matching `ignore`, and with `config`, in the
+    stack layout of its model (model.scan_layers, mmjax/io/layers_layout.py).
   params: False reads configs, tokenizer and preprocessing only.
   """
   path = pathlib.Path(path).expanduser().absolute()
@@ -136,6 +137,8 @@ def load(path, step: int | None = None, *, config: ml_collections.ConfigDict | N
     if ignore:
       skip = re.compile(ignore)
       weights = unflat({k: v for k, v in flat(weights).items() if not skip.search(k)})
+    if config is not None:    # into another run's model: in its stack layout
+      weights = layers_layout.for_config(weights, config)
   preprocess = data_preprocess(run_config.data) if run_config.model.get("image") else None
   return Loaded(path, kind, run_config, weights, got_step, workdir_tokenizer(path, run_config),
                 preprocess, workdir.hf_config_of(path), stats, workdir.label_names_of(path))

@@ -31,6 +31,8 @@ class Fusion(nn.Module):
   drop_path: float = 0.0
   dtype: Any = jnp.float32
   peft: Peft = Peft()
+  scan_layers: bool = False  # the blocks as one nn.scan (see Encoder)
+  remat: str = "none"        # what backprop keeps of each block (see Encoder)
 
   @nn.compact
   def __call__(self, text: jax.Array, text_mask: jax.Array, image: jax.Array, *,
@@ -43,7 +45,8 @@ class Fusion(nn.Module):
     encoder = Encoder(self.depth, self.heads, self.mlp_dim, self.act,
                       cross=self.mode == "cross", dropout=self.dropout,
                       drop_path=self.drop_path, ln_eps=self.ln_eps, dtype=self.dtype,
-                      peft=self.peft, name="encoder")
+                      peft=self.peft, scan_layers=self.scan_layers, remat=self.remat,
+                      name="encoder")
     image_mask = jnp.ones(image.shape[:2], text_mask.dtype)
     if self.mode == "merged":
       modality = self.param("modality_embed", nn.initializers.normal(0.02), (2, self.width))

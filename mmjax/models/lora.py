@@ -17,7 +17,8 @@ def merge_lora(params: Any, alpha: float) -> Any:
     return params
   out = {k: merge_lora(v, alpha) for k, v in params.items() if k not in ("lora_a", "lora_b")}
   if "lora_a" in params:
-    a, b = params["lora_a"], params["lora_b"]         # [I, r], [r, O]
-    delta = (alpha / a.shape[1]) * jnp.dot(a.astype(jnp.float32), b.astype(jnp.float32))
+    a, b = params["lora_a"], params["lora_b"]         # [(L,) I, r], [(L,) r, O]
+    # matmul, not dot: a scanned stack's (model.scan_layers) per-layer products.
+    delta = (alpha / a.shape[-1]) * jnp.matmul(a.astype(jnp.float32), b.astype(jnp.float32))
     out["kernel"] = (params["kernel"].astype(jnp.float32) + delta).astype(params["kernel"].dtype)
   return out

@@ -10,6 +10,11 @@ forward pass computes what the configured objectives read:
   class_logits [B, C]   a linear classifier on the image tower's pooled token, the
                         text tower's, or the fusion tower's first (text [CLS]) token
   token_logits [B, L, C]  the classifier on every text-tower token ("text_tokens": NER)
+  caption_logits [B, L, V], caption_targets, caption_weights [B, L]
+                        a decoder (causal text tower, LM head) on the text, cross-attending
+                        to the image tokens when it has cross-attention; position t
+                        predicts token t + 1, weighted on real tokens after the prefix
+  lm_logits, lm_targets, lm_weights       the same on the text alone (causal LM)
 Towers that are not configured are not run: a classifier may be image-only.
 """
 from __future__ import annotations
@@ -64,6 +69,16 @@ def in_slices(tower: nn.Module, n: int, *inputs: jax.Array, train: bool) -> dict
   return jax.tree.map(lambda *xs: jnp.concatenate(xs), *outs)
 
 
+def next_token_targets(ids: jax.Array, mask: jax.Array, prefix_len: jax.Array | None = None):
+  """ids, mask [B, L] -> (targets [B, L]: ids shifted left, weights [B, L]: 1 where position
+  t's target is a real token at or after prefix_len, default 1: after [CLS] / BOS)."""
+  targets = jnp.concatenate([ids[:, 1:], jnp.zeros_like(ids[:, :1])], axis=1)
+  real = jnp.concatenate([mask[:, 1:], jnp.zeros_like(mask[:, :1])], axis=1).astype(bool)
+  start = jnp.ones_like(ids[:, 0]) if prefix_len is None else prefix_len
+  after_prefix = jnp.arange(ids.shape[1])[None] + 1 >= start[:, None]
+  return targets, (real & after_prefix).astype(jnp.float32)
+
+
 def variables(params, batch_stats=None) -> dict:
   """What `model.apply` takes: the params, and BatchNorm's running statistics (the
   "batch_stats" collection) when the model has any ({} or None: none)."""
@@ -90,6 +105,9 @@ class MultimodalModel(nn.Module):
   num_classes: int = 0                # > 0: a "classifier" head reading `classify_input`
   classify_input: str = "image"       # a key of CLASSIFIER_INPUTS
   tower_splits: int = 1               # > 1: towers run on slices of the batch (CPU speed)
+  caption: bool = False               # caption_* outputs (the text tower is a decoder)
+  lm: bool = False                    # lm_* outputs
+  prefix_lm: bool = False             # the decoder attends to batch["prefix_len"] both ways
   dtype: Any = jnp.float32
 
   def setup(self):
@@ -119,10 +137,19 @@ class MultimodalModel(nn.Module):
     emb = l2_normalize(self.text_proj(out["pooled"])) if self.embed_dim else None
     return emb, out
 
-  def decode_text(self, ids: jax.Array, mask: jax.Array, cache):
+  def decode_text(self, ids: jax.Array, mask: jax.Array, cache=None, *, image_tokens=None,
+                  prefix_len=None, train: bool = False):
     """The causal text tower on `ids` appended after the tokens held in `cache` (a
-    layers.KVCache from `text_tower.empty_cache`) -> its outputs, out["cache"] advanced."""
-    return self.text_tower(ids, mask, cache=cache)
+    layers.KVCache from `text_tower.empty_cache`) -> its outputs, out["cache"] advanced;
+    cache None: on `ids` alone. `image_tokens` [B, M, D] (from `image_memory`) feed the
+    decoder's cross-attention (with a cache: once, at the prefill); `prefix_len` [B] is
+    its bidirectional prefix (a prefix-LM's prompt)."""
+    return self.text_tower(ids, mask, cache=cache, kv=image_tokens, prefix_len=prefix_len,
+                           train=train)
+
+  def image_memory(self, images: jax.Array) -> jax.Array:
+    """[B, H, W, C] -> the image tokens [B, M, D] a decoder cross-attends to."""
+    return self.encode_image(images)[1]["tokens"]
 
   def match_logits(self, image_tokens, text_tokens, text_mask, *, train: bool = False):
     """ITM logits [B, 2] (column 1 = "matches") for aligned rows of the inputs."""
@@ -154,13 +181,21 @@ class MultimodalModel(nn.Module):
     return self.class_logits(img, txt, batch.get("text_mask"), train=train)
 
   def __call__(self, batch: dict[str, jax.Array], *, train: bool = False) -> dict[str, Any]:
-    batch = {k: jnp.asarray(batch[k]) for k in ("image", "text", "text_mask") if k in batch}
+    batch = {k: jnp.asarray(batch[k]) for k in ("image", "text", "text_mask", "prefix_len")
+             if k in batch}
     out: dict[str, Any] = {}
     img_emb = img = txt_emb = txt = None
     if self.image_tower is not None:
       img_emb, img = self.encode_image(batch["image"], train=train)
-    if self.text_tower is not None:
+    # A captioner alone needs no text-only pass: its decoder pass reads the text.
+    text_only = self.embed_dim or self.num_classes or self.itm or self.mlm or self.lm
+    if self.text_tower is not None and (text_only or not self.caption):
       txt_emb, txt = self.encode_text(batch["text"], batch["text_mask"], train=train)
+    if self.caption:
+      out.update(self._caption(batch, img, train))
+    if self.lm:
+      targets, weights = next_token_targets(batch["text"], batch["text_mask"])
+      out.update(lm_logits=txt["logits"], lm_targets=targets, lm_weights=weights)
     if self.num_classes:
       key = "token_logits" if self.classify_input == "text_tokens" else "class_logits"
       out[key] = self.class_logits(img, txt, batch.get("text_mask"), train=train)
@@ -173,6 +208,16 @@ class MultimodalModel(nn.Module):
     if self.mlm:
       out.update(self._mlm(batch, img["tokens"], train))
     return out
+
+  def _caption(self, batch, img, train):
+    ids, mask = batch["text"], batch["text_mask"]
+    prefix_len = batch.get("prefix_len")
+    image_tokens = img["tokens"] if self.text_tower.cross else None
+    dec = self.decode_text(ids, mask, image_tokens=image_tokens,
+                           prefix_len=prefix_len if self.prefix_lm else None, train=train)
+    targets, weights = next_token_targets(ids, mask, prefix_len)
+    return {"caption_logits": dec["logits"], "caption_targets": targets,
+            "caption_weights": weights}
 
   def _itm(self, batch, img_emb, img_tokens, txt_emb, txt_tokens, train):
     ids, mask = batch["text"], batch["text_mask"]

@@ -12,6 +12,7 @@ import ml_collections
 from mmjax.models.fusion import Fusion
 from mmjax.models.layers import Peft
 from mmjax.models.model import CLASSIFIER_INPUTS, MultimodalModel
+from mmjax.models import quantized
 from mmjax.models.resnet import ResNet
 from mmjax.models.text import TextEncoder
 from mmjax.models.vit import ViT
@@ -110,6 +111,15 @@ def peft_of(config: ml_collections.ConfigDict) -> Peft:
               adapter_dim=ft.get("adapter_dim", 0))
 
 
+# model.decoder: what makes the text tower a decoder for generation, off by default.
+DECODER_DEFAULTS = dict(cross_attention=False, prefix_lm=False, tie_embed=True)
+
+
+def decoder_options(m: ml_collections.ConfigDict) -> dict:
+  """`model.decoder` with its defaults (configs from before it existed have none)."""
+  return {**DECODER_DEFAULTS, **dict(m.get("decoder") or {})}
+
+
 def build_model(config: ml_collections.ConfigDict, vocab_size: int | None = None,
                 special_ids: dict[str, int] | None = None) -> MultimodalModel:
   """The model described by `config.model` (+ which heads `config.objectives` read).
@@ -120,7 +130,8 @@ def build_model(config: ml_collections.ConfigDict, vocab_size: int | None = None
   m = config.model
   dtype = DTYPES[m.get("dtype", "float32")]
   common = dict(dropout=m.get("dropout", 0.0), drop_path=m.get("drop_path", 0.0), dtype=dtype,
-                peft=peft_of(config))
+                peft=peft_of(config), scan_layers=m.get("scan_layers", False),
+                remat=m.get("remat", "none"))
   objectives = set(config.get("objectives", {}))
 
   image = None
@@ -141,6 +152,7 @@ def build_model(config: ml_collections.ConfigDict, vocab_size: int | None = None
                 **_options(m.image, IMAGE_OPTIONS), **size, **common)
 
   text, vocab = None, 0
+  decoder = decoder_options(m)
   if m.get("text"):
     vocab = m.text.get("vocab_size", 0) or vocab_size
     if not vocab:
@@ -149,7 +161,17 @@ def build_model(config: ml_collections.ConfigDict, vocab_size: int | None = None
     text = TextEncoder(vocab_size=vocab, max_len=m.text.get("max_len", 0) or config.data.max_len,
                        pool=m.text.get("pool", "cls"), causal=m.text.get("causal", False),
                        act=m.text.get("act", "gelu"), **_options(m.text, TEXT_OPTIONS),
+                       cross=decoder["cross_attention"], tie_embed=decoder["tie_embed"],
                        **tower_size(m.text), **common)
+  generative = objectives & {"caption", "lm"}
+  if generative and not (text is not None and text.causal and text.head == "lm"):
+    raise ValueError(f"objectives {sorted(generative)} need a decoder: model.text with "
+                     "causal=True and head='lm'")
+  if (decoder["cross_attention"] or "caption" in objectives) and image is None:
+    raise ValueError("model.decoder.cross_attention and the caption objective need "
+                     "model.image")
+  if decoder["prefix_lm"] and not (text is not None and text.causal):
+    raise ValueError("model.decoder.prefix_lm needs a causal text tower (model.text.causal)")
 
   fusion = None
   if m.get("fusion"):
@@ -170,7 +192,7 @@ def build_model(config: ml_collections.ConfigDict, vocab_size: int | None = None
       raise ValueError(f"model.classifier.input={classify_input!r} needs model.{absent[0]}")
 
   special = special_ids or {}
-  return MultimodalModel(
+  model = MultimodalModel(
       image_tower=image, text_tower=text, fusion=fusion,
       embed_dim=m.get("embed_dim", 0), vocab_size=vocab,
       itm="itm" in objectives, mlm="mlm" in objectives, mlm_prob=m.get("mlm_prob", 0.15),
@@ -178,4 +200,8 @@ def build_model(config: ml_collections.ConfigDict, vocab_size: int | None = None
       special_ids=tuple(special.get(k, d) for k, d in (("pad", 0), ("cls", 2), ("sep", 3))),
       logit_scale_init=m.get("logit_scale_init", 2.6593),
       logit_bias_init=m.get("logit_bias_init", 0.0), num_classes=num_classes,
-      classify_input=classify_input, tower_splits=m.get("tower_splits", 1), dtype=dtype)
+      classify_input=classify_input, tower_splits=m.get("tower_splits", 1),
+      caption="caption" in objectives, lm="lm" in objectives,
+      prefix_lm=decoder["prefix_lm"], dtype=dtype)
+  # A quantized workdir (mmjax quantize) records its mode: the model is rebuilt quantized.
+  return quantized.from_config(model, m.get("quantize"))

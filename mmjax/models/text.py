@@ -1,4 +1,5 @@
-"""Text tower: a bidirectional encoder, or causal when `causal=True`."""
+"""Text tower: a bidirectional encoder, or causal when `causal=True` (a decoder: with an
+LM head, cross-attention into image tokens and a bidirectional prefix as options)."""
 from __future__ import annotations
 
 from typing import Any
@@ -35,6 +36,13 @@ class TextEncoder(nn.Module):
   `ids` (right-padded, [B, L]) to each row after the tokens the cache holds, attends
   to those, and returns the advanced cache as out["cache"]. A prompt prefilled in one
   call and then one token per call gives the outputs of one call on the whole text.
+
+  Decoder options: `cross=True` adds cross-attention to every block, into `kv` [B, M, D']
+  (image tokens) when the call passes them; with a cache, the call that passes them
+  projects their keys/values into the cache once and later calls read them there.
+  `prefix_len` [B] (prefix-LM, PaliGemma style): each row's first prefix_len tokens
+  attend to each other both ways, the rest causally; with a cache, the prefix must
+  arrive in one call. `tie_embed=False` gives the LM head its own output matrix.
   """
   vocab_size: int
   max_len: int
@@ -54,8 +62,12 @@ class TextEncoder(nn.Module):
   embed_norm: bool = False   # LayerNorm on the summed embeddings
   post_norm: bool = False    # post-LN blocks and no final LayerNorm (BERT)
   pooler: bool = False       # tanh(Dense(pooled)), BERT's pooler
-  head: str = ""             # "lm": logits tied to token_embed (GPT-2); "mlm": BERT's MLM head
+  head: str = ""             # "lm": next-token logits (GPT-2); "mlm": BERT's MLM head
   peft: Peft = Peft()        # LoRA / adapters in every block
+  scan_layers: bool = False  # the blocks as one nn.scan (see Encoder)
+  remat: str = "none"        # what backprop keeps of each block (see Encoder)
+  cross: bool = False        # cross-attention into `kv` in every block (CoCa / BLIP decoder)
+  tie_embed: bool = True     # the "lm" head is token_embed's transpose; False: its own
 
   def empty_cache(self, batch: int, length: int) -> KVCache:
     """A KV cache of `length` slots (prompt + new tokens, at most max_len) per row."""
@@ -68,7 +80,8 @@ class TextEncoder(nn.Module):
 
   @nn.compact
   def __call__(self, ids: jax.Array, mask: jax.Array, *, type_ids: jax.Array | None = None,
-               train: bool = False, cache: KVCache | None = None):
+               train: bool = False, cache: KVCache | None = None,
+               kv: jax.Array | None = None, prefix_len: jax.Array | None = None):
     b, length = ids.shape
     if length > self.max_len:
       raise ValueError(f"text has {length} tokens; this tower takes at most {self.max_len}")
@@ -90,18 +103,27 @@ class TextEncoder(nn.Module):
     encoder = Encoder(self.depth, self.heads, self.mlp_dim, self.act, dropout=self.dropout,
                       drop_path=self.drop_path, ln_eps=self.ln_eps,
                       final_norm=not self.post_norm, dtype=self.dtype,
-                      post_norm=self.post_norm, peft=self.peft, name="encoder")
+                      post_norm=self.post_norm, peft=self.peft, cross=self.cross,
+                      scan_layers=self.scan_layers, remat=self.remat, name="encoder")
+    if kv is not None and not self.cross:
+      raise ValueError("image tokens given to a text tower without cross-attention")
     if cache is None:
       attn_mask = key_mask(mask)
       if self.causal:
-        attn_mask = attn_mask & jnp.tril(jnp.ones((length, length), bool))[None, None]
-      x = encoder(x, attn_mask, train=train)
+        seen = jnp.tril(jnp.ones((length, length), bool))[None, None]
+        if prefix_len is not None:
+          seen = seen | (jnp.arange(length) < prefix_len[:, None])[:, None, None]
+        attn_mask = attn_mask & seen
+      x = encoder(x, attn_mask, kv=kv, train=train)
     else:
       if not self.causal:
         raise ValueError("only a causal text tower decodes with a KV cache")
       # Slots before the index are all real (it counts real tokens only) and a row's
       # padding follows its real tokens, so causality alone hides every pad and stale slot.
-      x, cache = encoder(x, cache.causal_mask(length), train=train, cache=cache)
+      attn_mask = cache.causal_mask(length)
+      if prefix_len is not None:   # this call's tokens are (or start) the prefix
+        attn_mask = attn_mask | (jnp.arange(cache.length) < prefix_len[:, None])[:, None, None]
+      x, cache = encoder(x, attn_mask, kv=kv, train=train, cache=cache)
       cache = cache.replace(index=cache.index + mask.sum(axis=1).astype(jnp.int32))
     pooled = pool_tokens(x, mask, self.pool)
     if self.pooler:
@@ -109,8 +131,11 @@ class TextEncoder(nn.Module):
     out = {"tokens": x, "pooled": pooled}
     if cache is not None:
       out["cache"] = cache
-    if self.head == "lm":
+    if self.head == "lm" and self.tie_embed:
       out["logits"] = embed.attend(x).astype(jnp.float32)
+    elif self.head == "lm":
+      out["logits"] = Dense(self.vocab_size, use_bias=False, dtype=self.dtype,
+                            name="lm_head")(x).astype(jnp.float32)
     elif self.head == "mlm":
       out["logits"] = MlmHead(self.vocab_size, self.act, self.ln_eps, self.dtype,
                               name="mlm_head")(x, embed)

@@ -54,6 +54,8 @@ class ViT(nn.Module):
   pooler: bool = False       # tanh(Dense(pooled)), HF ViTModel's pooler
   num_classes: int = 0       # > 0: a linear classifier "head" on the pooled token
   peft: Peft = Peft()        # LoRA / adapters in every block
+  scan_layers: bool = False  # the blocks as one nn.scan (see Encoder)
+  remat: str = "none"        # what backprop keeps of each block (see Encoder)
 
   @nn.compact
   def __call__(self, images: jax.Array, *, train: bool = False) -> dict[str, jax.Array]:
@@ -79,7 +81,7 @@ class ViT(nn.Module):
     x = Encoder(self.depth, self.heads, self.mlp_dim, self.act, dropout=self.dropout,
                 drop_path=self.drop_path, ln_eps=self.ln_eps,
                 final_norm=self.final_norm == "tokens", dtype=self.dtype, peft=self.peft,
-                name="encoder")(x, train=train)
+                scan_layers=self.scan_layers, remat=self.remat, name="encoder")(x, train=train)
     if self.pool == "cls":
       pooled = x[:, 0]
     elif self.pool == "gap":

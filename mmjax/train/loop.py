@@ -24,10 +24,12 @@ from mmjax import io, objectives, parallel
 from mmjax.config_checks import validate
 from mmjax.evals import EvalContext, check_evals, run_evals
 from mmjax.evals.embed import Embedder
+from mmjax.io import layers_layout
 from mmjax.io.loading import special_ids
 from mmjax.io.trees import CheckpointMismatch, path_name, shapes_by_name, tree_mismatch
 from mmjax.models import build_model
-from mmjax.train import epochs, mixing
+from mmjax.models.quantized import keep_quantize
+from mmjax.train import epochs, mfu, mixing
 from mmjax.train.early_stop import early_stopping
 from mmjax.train.metrics_writer import MetricWriter
 from mmjax.train.optimizer import make_optimizer
@@ -37,6 +39,9 @@ from mmjax.train.steps import make_train_step
 from mmjax.tuning.config import finetune_config, init_config
 from mmjax.tuning.distill import Teacher, distill_options, load_teacher
 from mmjax.tuning.init import load_init, towers_from_init
+from mmjax.tuning.prune import Pruner, measured_sparsity
+from mmjax.tuning.prune import options as prune_options
+from mmjax.tuning.quantize_aware import qat_model
 from mmjax.tuning.strategies import Plan, make_plan
 
 log = logging.getLogger("mmjax")
@@ -63,6 +68,7 @@ class Run:
   plan: Plan | None = None     # what trains (config.finetune); None: everything
   teacher: Teacher | None = None   # config.distill's frozen teacher
   sources: mmdata.Sources = dataclasses.field(default_factory=mmdata.Sources)
+  pruner: Pruner | None = None     # config.finetune.prune's masks and schedule
 
   @functools.cached_property
   def state(self) -> TrainState:
@@ -136,11 +142,14 @@ def setup(config: ml_collections.ConfigDict, devices=None, *, teacher: bool = Tr
   config = classes_from_data(config, sources)
   tokenizer = mmdata.get_tokenizer(config.data, sources=sources)
   model = build_model(config, tokenizer.vocab_size, special_ids(tokenizer))
+  model = qat_model(model, config)           # config.finetune.quantize: fake-quantized
+  pruner = Pruner.from_config(config.get("finetune"), config.total_steps)
   mesh = parallel.make_mesh(config.get("mesh", {}), devices)
-  rules = [tuple(r) for r in config.get("sharding_rules", ())]
   init_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.get("seed", 0)))
   init_variables = _init_variables_fn(model, config, init_rng)
   abstract_params = jax.eval_shape(init_variables)["params"]
+  if pruner:
+    pruner.names(abstract_params)       # fails here, naming the regex, if it matches none
   plan = make_plan(config.finetune, abstract_params) if config.get("finetune") else None
   tx, schedule = make_optimizer(config.optim, abstract_params, config.total_steps,
                                 plan.lr_scale if plan else None)
@@ -149,14 +158,15 @@ def setup(config: ml_collections.ConfigDict, devices=None, *, teacher: bool = Tr
     fresh = init_variables()
     return TrainState(step=jnp.zeros((), jnp.int32), params=fresh["params"],
                       opt_state=tx.init(fresh["params"]), rng=state_rng,
-                      batch_stats=fresh["batch_stats"])
+                      batch_stats=fresh["batch_stats"],
+                      masks=pruner.init_masks(fresh["params"]) if pruner else {})
 
   shapes = jax.eval_shape(init_state)
-  state_sharding = parallel.shardings(parallel.param_specs(shapes, rules, mesh), mesh)
+  state_sharding = parallel.shardings(parallel.config_specs(config, shapes, mesh), mesh)
   abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                           shapes, state_sharding)
   return Run(config, tokenizer, model, mesh, tx, schedule, abstract, state_sharding, init_state,
-             plan, load_teacher(config, mesh) if teacher else None, sources)
+             plan, load_teacher(config, mesh) if teacher else None, sources, pruner)
 
 
 def loss_function(config: ml_collections.ConfigDict):
@@ -187,8 +197,10 @@ def make_step(run: Run, loss_fn=None):
                          batch_fn=mixing.batch_fn(run.config),
                          teacher_fn=run.teacher.fn if run.teacher else None,
                          stats_from=plan.stats_from(run.abstract.batch_stats)
-                         if plan and run.abstract.batch_stats else None)
+                         if plan and run.abstract.batch_stats else None,
+                         prune_fn=run.pruner)
   shardings = (run.state_sharding, parallel.batch_sharding(run.mesh))
+  step = parallel.in_mesh(step, run.mesh)    # traced with the mesh: activation constraints
   if run.teacher is None:
     return jax.jit(step, in_shardings=shardings, out_shardings=(run.state_sharding, None),
                    donate_argnums=0)
@@ -228,6 +240,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
   Returns the final metrics (eval metrics, steps, seconds, train throughput).
   """
   t0 = time.time()
+  if "://" in str(workdir):    # pathlib would make gs://b/x a local "gs:/b/x", lost with the VM
+    raise ValueError(f"--workdir {workdir}: a URL workdir is not supported; mount the bucket "
+                     "(gcsfuse, as scripts/tpu/setup.sh does) and give its local path")
   workdir = pathlib.Path(workdir)
   run = setup(config)
   c = run.config
@@ -300,18 +315,23 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
     mean, n, dt = _mean_metrics(pending), len(pending), time.time() - t_log
     mean.update(steps_per_s=n / dt, images_per_s=n * c.batch_size / dt,
                 epoch=epochs.epoch_of(step, c, examples))
+    rates = cost.rates(n / dt) if cost else {}   # tflops_per_device; mfu with a known peak
+    mean.update(rates)
     if step > start + n:     # the first window includes compilation
       timing["seconds"] += dt
       timing["steps"] += n
     writer.write(step, mean)
     bar.set_postfix(epoch=f"{mean['epoch']:.1f}", loss=f"{mean['loss']:.3f}",
                     steps_s=f"{mean['steps_per_s']:.1f}",
-                    img_s=f"{mean['images_per_s']:.0f}")
+                    img_s=f"{mean['images_per_s']:.0f}",
+                    **{k.removesuffix("_per_device"): f"{v:.3g}" for k, v in rates.items()})
     pending, t_log = [], time.time()
 
-  step = start
+  step, cost = start, None
   for step in range(start + 1, stop + 1):
     batch = parallel.device_batch(next(iterator), run.mesh)
+    if cost is None:      # compiled here once for its FLOPs; the steps run this compilation
+      step_fn, cost = mfu.compile_step(step_fn, c, state, batch)
     state, metrics = step_fn(state, batch)
     pending.append(metrics)
     bar.update(1)
@@ -391,11 +411,15 @@ def evaluate(config: ml_collections.ConfigDict | None, workdir: str | pathlib.Pa
   reports."""
   if config is None:   # (params=False: nothing touches JAX before `prepare` joins a pod)
     config = io.load(workdir, params=False, what="workdir").config
+  elif (pathlib.Path(workdir) / "config.json").is_file():
+    # A quantized checkpoint (mmjax quantize) is read quantized whatever config evaluates it.
+    config = keep_quantize(config, io.workdir.run_config_of(pathlib.Path(workdir)))
   config = prepare(config, training=False)
   loaded = io.load(workdir, step, what="workdir")
+  loaded.params = layers_layout.for_config(loaded.params, config)   # model.scan_layers
   # The data pipeline tokenizes captions even for an image-only model.
   tokenizer = loaded.tokenizer or mmdata.get_tokenizer(config.data)
-  model = build_model(config, tokenizer.vocab_size, special_ids(tokenizer))
+  model = qat_model(build_model(config, tokenizer.vocab_size, special_ids(tokenizer)), config)
   mesh = parallel.make_mesh(config.get("mesh", {}))
   wanted = jax.eval_shape(_init_variables_fn(model, config, jax.random.PRNGKey(0)))  # shapes
   problems = "\n".join(filter(None, (
@@ -404,10 +428,14 @@ def evaluate(config: ml_collections.ConfigDict | None, workdir: str | pathlib.Pa
   if problems:
     raise CheckpointMismatch(f"checkpoint {loaded.path} (step {loaded.step}) does not fit "
                              f"this model's params:\n{problems}")
-  rules = [tuple(r) for r in config.get("sharding_rules", ())]
-  place = lambda tree, tree_rules: jax.device_put(tree, parallel.shardings(
-      parallel.param_specs(tree, tree_rules, mesh), mesh))
-  params, stats = place(loaded.params, rules), place(loaded.batch_stats, [])   # replicated
+  params = jax.device_put(loaded.params, parallel.shardings(
+      parallel.config_specs(config, loaded.params, mesh), mesh))
+  stats = jax.device_put(loaded.batch_stats, parallel.shardings(
+      parallel.param_specs(loaded.batch_stats, [], mesh), mesh))      # replicated
   ctx = EvalContext(config, tokenizer, Embedder(model, params, mesh, stats),
                     workdir=pathlib.Path(workdir))
-  return dict(run_evals(ctx, config.get("evals", {})), step=loaded.step)
+  result = dict(run_evals(ctx, config.get("evals", {})), step=loaded.step)
+  pruned = prune_options(config.get("finetune"))
+  if pruned:     # the checkpoint's own zeros, not the configured target
+    result.update(measured_sparsity(loaded.params, pruned["targets"]))
+  return result

@@ -19,6 +19,9 @@ class TrainState:
   rng: jax.Array         # raw uint32 key; per-step keys are fold_in(rng, step)
   # BatchNorm's running statistics (the "batch_stats" collection); {} without BatchNorm.
   batch_stats: Any = dataclasses.field(default_factory=dict)
+  # Pruning masks (config.finetune.prune, mmjax/tuning/prune.py): bool, nested like the
+  # params they prune (those only); {} without pruning.
+  masks: Any = dataclasses.field(default_factory=dict)
 
 
 def initial_state(config, params, seed: int | None = None, batch_stats=None) -> TrainState:

@@ -21,7 +21,8 @@ def step_rngs(rng: jax.Array, step: jax.Array) -> dict[str, jax.Array]:
 def make_train_step(model, tx: optax.GradientTransformation, loss_fn: Callable,
                     schedule: optax.Schedule, trainable: Any = None,
                     unfreeze_step: Any = None, batch_fn: Callable | None = None,
-                    teacher_fn: Callable | None = None, stats_from: Any = None) -> Callable:
+                    teacher_fn: Callable | None = None, stats_from: Any = None,
+                    prune_fn: Callable | None = None) -> Callable:
   """(state, batch[, teacher_params]) -> (state, metrics). A step whose loss or
   gradients are not finite leaves the state untouched and reports `finite = 0`.
   A model with BatchNorm (state.batch_stats not {}) normalises with the batch's
@@ -38,6 +39,8 @@ def make_train_step(model, tx: optax.GradientTransformation, loss_fn: Callable,
     (distillation); the loss sees them as outputs["teacher_<name>"].
   stats_from: an int per batch_stats leaf, the step from which it updates (a frozen
     norm's statistics stay as loaded; see Plan.stats_from).
+  prune_fn: (params, masks, step) -> (params, masks): magnitude pruning after the update
+    (mmjax/tuning/prune.py Pruner), the masks kept in state.masks.
   """
 
   def train_step(state: TrainState, batch: dict[str, jax.Array], teacher_params: Any = None):
@@ -70,12 +73,16 @@ def make_train_step(model, tx: optax.GradientTransformation, loss_fn: Callable,
     if unfreeze_step is not None:
       updates = live(updates)
     params = optax.apply_updates(state.params, updates)
+    masks = state.masks
+    if prune_fn is not None:
+      params, masks = prune_fn(params, masks, state.step + 1)
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     new_state = state.replace(step=state.step + 1, params=keep(params, state.params),
                               opt_state=keep(opt_state, state.opt_state),
-                              batch_stats=keep(stats, state.batch_stats))
+                              batch_stats=keep(stats, state.batch_stats),
+                              masks=keep(masks, state.masks))
     metrics = dict(metrics, grad_norm=grad_norm, lr=schedule(state.step),
                    finite=finite.astype(jnp.float32))
     return new_state, metrics

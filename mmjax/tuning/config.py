@@ -35,6 +35,12 @@ def finetune_config(**overrides) -> ml_collections.ConfigDict:
       lr_groups=(),           # ((regex, lr scale), ...): the first match scales a param
       # checkpoints leave out frozen params loaded from init.path (a pointer instead)
       save_frozen=False,      # True: write every param anyway
+      # quantization-aware training (mmjax/tuning/quantize_aware.py): weight "int8",
+      # act "int8" or "" (weights only); both "" = off
+      quantize=dict(weight="", act=""),
+      # magnitude pruning (mmjax/tuning/prune.py): sparsity 0 = off; end_step 0 = last step
+      prune=dict(sparsity=0.0, schedule="gradual", scope="global",
+                 targets=r"/encoder/.*/kernel$", begin_step=0, end_step=0),
   )
   unknown = set(overrides) - set(c)
   if unknown:

@@ -16,6 +16,10 @@ A ResNet tower reads the same way: its stem is layer 0 and "stage_s/block_i" (bl
 numbered across stages) layer i + 1, so `freeze_bottom=k` freezes the stem and the
 first k blocks, and progressive unfreezing goes down one residual block at a time.
 A frozen BatchNorm keeps the running statistics it was loaded with (`Plan.stats_from`).
+A scanned tower (model.scan_layers) holds its blocks as one stacked "encoder/blocks":
+whole-tower and per-param strategies work on it (full, per_modality, linear_probe, lora,
+adapters, freeze_towers/freeze_regex), per-block ones (progressive, freeze_bottom,
+layer_decay) are refused.
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ from typing import Any, Callable
 import jax
 import ml_collections
 
+from mmjax.io.layers_layout import scanned_names
 from mmjax.io.trees import path_name
 
 TOWERS = {"image_tower": "image", "text_tower": "text", "fusion": "fusion"}
@@ -177,6 +182,13 @@ def _check(ft, names, depth) -> None:
     raise ValueError("finetune.unfreeze_every must be >= 1 and unfreeze_depth >= 0")
   if not 0.0 < ft.layer_decay <= 1.0:
     raise ValueError(f"finetune.layer_decay={ft.layer_decay}: expected 0 < decay <= 1")
+  per_block = [f"finetune.{k}={ft[k]!r}" for k, on in (
+      ("strategy", s == "progressive"), ("freeze_bottom", ft.freeze_bottom),
+      ("layer_decay", ft.layer_decay < 1.0)) if on]
+  if per_block and scanned_names(names):
+    raise ValueError(f"{per_block[0]} treats each Transformer block on its own, but "
+                     "model.scan_layers=True stacks a tower's blocks into one param: set "
+                     "model.scan_layers=False for this fine-tune")
 
 
 def make_plan(ft: ml_collections.ConfigDict, params: Any) -> Plan:

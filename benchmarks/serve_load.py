@@ -1,0 +1,276 @@
+"""`mmjax serve` under load: requests/s, latency percentiles, 4xx/5xx and the mean batch,
+with dynamic batching on and off, and with a share of malformed requests mixed in.
+
+  .venv/bin/python benchmarks/serve_load.py [--workdir W] [--clients 32] [--seconds 20]
+      [--stress-clients 64] [--stress-seconds 60] [--malformed 0.2] [--route embed/image]
+
+Without --workdir, writes an untrained workdir of configs/demo.py's model (its towers,
+tokenizer and 32x32 images; throughput does not depend on the weights). Each run starts
+`mmjax serve` on a free 127.0.0.1 port in its own process, waits for /readyz, and drives
+it from this process with `clients` concurrent httpx clients, each sending its next
+request when the last is answered, for `seconds` (every request bounded by a 30 s
+timeout). Good requests cycle through 8 images (or 8 label sets) whose answers were taken
+one at a time before the load; every good answer under load must equal its reference
+(atol 1e-5). Prints one JSON line per run, then a summary line with the targets: zero
+5xx under the stress run, batching on >= 3x the requests/s of batching off. Each run
+also measures GET /healthz at the same concurrency (the HTTP stack's ceiling, no model
+work), and the summary the image function alone at batch 1 and max_batch (rows/s): the
+gain batching can give where the model, not HTTP, is the bottleneck.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import json
+import os
+import pathlib
+import platform
+import random
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import httpx
+import numpy as np
+from PIL import Image
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+COLORS = [(220, 30, 30), (30, 200, 30), (30, 30, 220), (220, 220, 30), (200, 30, 200),
+          (30, 200, 200), (120, 120, 120), (250, 250, 250)]
+LABELS = ["a small red circle", "a large blue square", "a green triangle",
+          "a small yellow circle", "a purple square", "a large cyan triangle"]
+
+
+def cpu_model() -> str:
+  out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+  return next((line.split(":", 1)[1].strip() for line in out.splitlines()
+               if line.startswith("Model name")), platform.processor())
+
+
+def demo_workdir(path: pathlib.Path) -> pathlib.Path:
+  """An untrained workdir of configs/demo.py (model, data, tokenizer)."""
+  import mmjax  # pylint: disable=g-import-not-at-top
+  from mmjax.data.tokenizer import get_tokenizer  # pylint: disable=g-import-not-at-top
+  from mmjax.io import hf, workdir  # pylint: disable=g-import-not-at-top
+  from mmjax.io.loading import special_ids  # pylint: disable=g-import-not-at-top
+  from mmjax.train.state import initial_state  # pylint: disable=g-import-not-at-top
+  config = mmjax.load_config("demo", ["--config.evals={}"])
+  tok = get_tokenizer(config.data)
+  model = mmjax.build_model(config, tok.vocab_size, special_ids(tok))
+  workdir.write_workdir(path, config, initial_state(config, hf.init_params(model, config)), {},
+                        tok)
+  return path
+
+
+def png(color) -> bytes:
+  buf = io.BytesIO()
+  Image.new("RGB", (32, 32), color).save(buf, "PNG")
+  return buf.getvalue()
+
+
+def good_requests(route: str) -> list[dict]:
+  """8 distinct well-formed bodies (httpx keyword arguments) for `route`."""
+  images = [base64.b64encode(png(c)).decode() for c in COLORS]
+  if route == "embed/image":
+    return [dict(json={"images": [im]}) for im in images]
+  if route == "zeroshot":
+    return [dict(json={"image": im, "labels": random.Random(i).sample(LABELS, 4)})
+            for i, im in enumerate(images)]
+  raise SystemExit(f"--route {route}: expected embed/image or zeroshot")
+
+
+BAD_REQUESTS = [
+    dict(content=b'{"images": [', headers={"content-type": "application/json"}),
+    dict(content=b'{"texts": ["caf\xe9"]}', headers={"content-type": "application/json"}),
+    dict(content=b"x", headers={"content-type": "text/plain"}),
+    dict(json={"images": [base64.b64encode(b"not an image").decode()]}),
+    dict(json={"images": [base64.b64encode(png((1, 2, 3))[:50]).decode()]}),
+    dict(json={"image": "", "labels": []}),
+    dict(json={}),
+]
+
+
+def answer(route: str, body: dict):
+  """The numbers a good answer is compared on."""
+  return body["embeddings"] if route == "embed/image" else body["scores"]
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def start_server(workdir, port: int, batching: bool, max_batch: int, log) -> subprocess.Popen:
+  cmd = [sys.executable, "-m", "mmjax.cli", "serve", "--workdir", str(workdir), "--port",
+         str(port), "--max-batch", str(max_batch), "--queue", "1024"]
+  if not batching:
+    cmd.append("--no-batching")
+  proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
+  url, end = f"http://127.0.0.1:{port}", time.time() + 600
+  while True:
+    if proc.poll() is not None:
+      raise SystemExit(f"mmjax serve exited with {proc.returncode}; see {log.name}")
+    try:
+      if httpx.get(url + "/readyz").status_code == 200:
+        return proc
+    except httpx.TransportError:
+      pass
+    if time.time() > end:
+      proc.kill()
+      raise SystemExit("mmjax serve was not ready within 600 s")
+    time.sleep(0.2)
+
+
+def mean_batch(metrics: str, function: str) -> float:
+  values = {}
+  for name in ("sum", "count"):
+    m = re.search(rf'mmjax_batch_rows_{name}{{function="{function}"}} (\S+)', metrics)
+    values[name] = float(m.group(1)) if m else 0.0
+  return values["sum"] / values["count"] if values["count"] else 0.0
+
+
+async def drive(url: str, route: str, clients: int, seconds: float, malformed: float,
+                references: list) -> dict:
+  goods = good_requests(route)
+  latencies, codes, mismatched, transport = [], {}, 0, 0
+  end = time.perf_counter() + seconds
+  limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+  async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as client:
+
+    async def one(seed: int):
+      nonlocal mismatched, transport
+      rng = random.Random(seed)
+      while time.perf_counter() < end:
+        bad = rng.random() < malformed
+        i = rng.randrange(len(goods))
+        kwargs = rng.choice(BAD_REQUESTS) if bad else goods[i]
+        start = time.perf_counter()
+        try:
+          r = await client.post(f"/v1/{route}", **kwargs)
+        except httpx.TransportError:
+          transport += 1
+          continue
+        codes[r.status_code] = codes.get(r.status_code, 0) + 1
+        if not bad:
+          latencies.append(time.perf_counter() - start)
+          if r.status_code != 200 or not np.allclose(answer(route, r.json()), references[i],
+                                                     atol=1e-5):
+            mismatched += 1
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(one(k) for k in range(clients)))
+    elapsed = time.perf_counter() - t0
+  ms = np.asarray(latencies) * 1000
+  return {"requests": sum(codes.values()), "good_requests": len(latencies),
+          "rps": round(sum(codes.values()) / elapsed, 1),
+          "good_rps": round(len(latencies) / elapsed, 1),
+          "p50_ms": round(float(np.percentile(ms, 50)), 1) if len(ms) else None,
+          "p95_ms": round(float(np.percentile(ms, 95)), 1) if len(ms) else None,
+          "p99_ms": round(float(np.percentile(ms, 99)), 1) if len(ms) else None,
+          "status_2xx": sum(v for k, v in codes.items() if 200 <= k < 300),
+          "status_4xx": sum(v for k, v in codes.items() if 400 <= k < 500),
+          "status_5xx": sum(v for k, v in codes.items() if k >= 500),
+          "transport_errors": transport, "wrong_answers": mismatched}
+
+
+async def ceiling(url: str, clients: int, seconds: float) -> float:
+  """Requests/s of GET /healthz: what the HTTP stack and this load generator allow with no
+  model work at all."""
+  done, end = 0, time.perf_counter() + seconds
+  async with httpx.AsyncClient(base_url=url, timeout=30,
+                               limits=httpx.Limits(max_connections=clients)) as client:
+
+    async def one():
+      nonlocal done
+      while time.perf_counter() < end:
+        await client.get("/healthz")
+        done += 1
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(one() for _ in range(clients)))
+    return round(done / (time.perf_counter() - t0), 1)
+
+
+def model_rows_per_s(workdir, max_batch: int, repeats: int = 40) -> dict:
+  """The image function alone, in this process: rows/s at batch 1 and at max_batch (what
+  batching can buy at the model, without HTTP), the two sizes called in turn so that they
+  share the machine's load alike; the median call and the fastest."""
+  from mmjax.deploy.serve.workdir_backend import ModelBackend  # pylint: disable=g-import-not-at-top
+  backend = ModelBackend.from_path(workdir)
+  fn, size = backend.functions["image"].fn, backend.info.image_size
+  xs = {b: np.random.default_rng(0).random((b, *size, 3), np.float32) for b in (1, max_batch)}
+  times = {b: [] for b in xs}
+  for x in xs.values():
+    fn(x)
+  for _ in range(repeats):
+    for b, x in xs.items():
+      t = time.perf_counter()
+      fn(x)
+      times[b].append(time.perf_counter() - t)
+  out = {}
+  for b, t in times.items():
+    out[f"model_rows_per_s_batch{b}_median"] = round(b / float(np.median(t)), 1)
+    out[f"model_rows_per_s_batch{b}_best"] = round(b / min(t), 1)
+  return out
+
+
+def run(workdir, route: str, batching: bool, clients: int, seconds: float, malformed: float,
+        max_batch: int, logdir: pathlib.Path) -> dict:
+  port = free_port()
+  url = f"http://127.0.0.1:{port}"
+  with open(logdir / f"server_{port}.log", "w") as log:
+    proc = start_server(workdir, port, batching, max_batch, log)
+  try:
+    references = [answer(route, httpx.post(f"{url}/v1/{route}", timeout=30, **kw).json())
+                  for kw in good_requests(route)]
+    got = asyncio.run(drive(url, route, clients, seconds, malformed, references))
+    got["mean_batch"] = round(mean_batch(httpx.get(url + "/metrics").text, "image"), 2)
+    got["healthz_rps"] = asyncio.run(ceiling(url, clients, min(seconds, 10)))
+  finally:
+    proc.terminate()
+    proc.wait(60)
+  return {"route": route, "batching": batching, "clients": clients, "seconds": seconds,
+          "malformed": malformed, "max_batch": max_batch, **got}
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--workdir", default=None)
+  p.add_argument("--route", default="embed/image", choices=["embed/image", "zeroshot"])
+  p.add_argument("--clients", type=int, default=32)
+  p.add_argument("--seconds", type=float, default=20)
+  p.add_argument("--stress-clients", type=int, default=64)
+  p.add_argument("--stress-seconds", type=float, default=60)
+  p.add_argument("--malformed", type=float, default=0.2)
+  p.add_argument("--max-batch", type=int, default=16)
+  args = p.parse_args()
+  os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(ROOT / ".pytest_cache" /
+                                                         "jax-compilation-cache"))
+  with tempfile.TemporaryDirectory() as tmp:
+    tmp = pathlib.Path(tmp)
+    workdir = args.workdir or demo_workdir(tmp / "demo_untrained")
+    common = dict(cpu=cpu_model(), cores=os.cpu_count(),
+                  model=str(args.workdir) if args.workdir else "configs/demo.py, untrained")
+    on = run(workdir, args.route, True, args.clients, args.seconds, 0.0, args.max_batch, tmp)
+    print(json.dumps({**common, **on}), flush=True)
+    off = run(workdir, args.route, False, args.clients, args.seconds, 0.0, args.max_batch, tmp)
+    print(json.dumps({**common, **off}), flush=True)
+    stress = run(workdir, args.route, True, args.stress_clients, args.stress_seconds,
+                 args.malformed, args.max_batch, tmp)
+    print(json.dumps({**common, **stress}), flush=True)
+    model = model_rows_per_s(workdir, args.max_batch)
+  print(json.dumps({"speedup_batching": round(on["rps"] / max(off["rps"], 1e-9), 2),
+                    "speedup_target": 3.0, **model,
+                    "stress_5xx": stress["status_5xx"] + stress["transport_errors"],
+                    "stress_wrong_answers": stress["wrong_answers"]}))
+
+
+if __name__ == "__main__":
+  main()
