@@ -48,7 +48,8 @@ def test_a_tiny_split_still_gets_a_step():
 # --- every config takes the keys sources and heads read (the two commands) -----
 
 # Configs that need an arg; the own-data ones get a path in the tests below.
-ARGS = {"distill_digits": "distill", "classify_files": None, "classify_text": None}
+ARGS = {"distill_digits": "distill", "classify_files": None, "classify_text": None,
+        "lm_text": None}
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in CONFIG_DIR.glob("*.py")
