@@ -173,3 +173,22 @@ def test_rules_keep_convolutions_and_attention_float():
   assert keep.fullmatch("image_tower/patch_embed") and keep.fullmatch("")   # "": the root
   assert keep.fullmatch("image_tower/encoder/block_0/attn")
   assert not keep.fullmatch("image_tower/encoder/block_0/attn/query")
+
+
+def test_a_captioner_quantizes_and_generates_like_float(serve_workdir, tmp_path):
+  """The decoder (cross-attention, tied LM head through the token embedding) quantizes:
+  its Dense kernels are int8 on disk, the embedding stays float, and greedy captions and
+  their log-probabilities stay those of the float model."""
+  out = tmp_path / "int8"
+  result = cli("quantize", "--workdir", str(serve_workdir), "--out", str(out),
+               "--mode", "int8-weight")
+  assert result.returncode == 0, result.stderr[-2000:]
+  saved = flat(mmjax.load(out).params)
+  assert any(k.startswith("text_tower/") and k.endswith("kernel/array/qvalue")
+             and v.dtype == np.int8 for k, v in saved.items())
+  assert saved["text_tower/token_embed/embedding"].dtype == np.float32
+  images = list((np.random.RandomState(0).rand(2, 32, 32, 3) * 255).astype(np.uint8))
+  ref = mmjax.generate(serve_workdir, images=images, max_tokens=6)
+  got = mmjax.generate(out, images=images, max_tokens=6)
+  assert [r["generated"] for r in got] == [r["generated"] for r in ref]
+  np.testing.assert_allclose([r["scores"] for r in got], [r["scores"] for r in ref], rtol=0.01)

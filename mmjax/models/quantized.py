@@ -35,9 +35,10 @@ MODES = {"int8-weight": dict(weight_qtype="int8"),
          "w8a8": dict(weight_qtype="int8", act_qtype="int8")}
 # Modules whose own matmuls stay float: the patch embedding (qwix quantizes a convolution's
 # weights only together with its input), Attention itself (its Dense children are
-# quantized; q.k and weights.v multiply two activations) and the model at the root (the
-# similarities of the image and text embeddings).
-KEEP_FLOAT = r"|(.*/)?(patch_embed|attn|cross_attn)"
+# quantized; q.k and weights.v multiply two activations), the token embedding (a table
+# lookup, and a tied LM head's `attend`) and the model at the root (the similarities of
+# the image and text embeddings).
+KEEP_FLOAT = r"|(.*/)?(patch_embed|attn|cross_attn|token_embed)"
 # The model's entry points that run Dense layers (evaluators and servers call them by name).
 METHODS = ("__call__", "encode_image", "encode_text", "classify", "class_logits",
            "match_logits", "decode_text")
