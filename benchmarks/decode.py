@@ -48,7 +48,7 @@ sys.path.insert(0, str(ROOT))
 
 from mmjax.config import load_config  # noqa: E402
 # decode()'s jitted body and its static settings, to compile it ahead of time.
-from mmjax.generate.decode import Settings, _decode  # noqa: E402  pylint: disable=protected-access
+from mmjax.generate.decode import Settings, decode_jit  # noqa: E402
 from mmjax.io.hf import init_variables  # noqa: E402
 from mmjax.io.hf_config import to_mmjax  # noqa: E402
 from mmjax.models import build_model  # noqa: E402
@@ -102,7 +102,7 @@ def time_kv(model, variables, ids, mask, images, n: int, repeats: int) -> tuple[
   that the one timed call is all execution (a warm-up call would cost a whole decode)."""
   ids, mask, rng = jnp.asarray(ids), jnp.asarray(mask), jax.random.key(0)
   images = None if images is None else jnp.asarray(images)
-  compiled = _decode.lower(model, Settings("greedy", n, NEVER, 0), variables, ids, mask, rng,
+  compiled = decode_jit.lower(model, Settings("greedy", n, NEVER, 0), variables, ids, mask, rng,
                            images).compile()
   out = compiled(variables, ids, mask, rng, images)
   assert out.tokens.shape == (ids.shape[0], 1, n), out.tokens.shape

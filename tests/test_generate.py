@@ -12,7 +12,7 @@ import pytest  # noqa: E402
 import mmjax  # noqa: E402
 from conftest import run_python  # noqa: E402
 from mmjax.generate import decode, filter_logits  # noqa: E402
-from mmjax.generate.decode import _decode  # noqa: E402
+from mmjax.generate.decode import decode_jit  # noqa: E402
 from mmjax.models.model import MultimodalModel  # noqa: E402
 from mmjax.models.text import TextEncoder  # noqa: E402
 
@@ -188,10 +188,10 @@ def test_a_row_that_hits_eos_stops_and_is_padded(lm, method):
 def test_one_compilation_serves_prompts_of_any_content_and_stopping_step(lm):
   model, variables = lm
   run(lm, eos_id=3)
-  size = _decode._cache_size()
+  size = decode_jit._cache_size()
   ids, mask = padded([[1, 2], [5, 6, 7, 8, 9, 10], [4]], P)
   decode(model, variables, ids, mask, max_new_tokens=N, eos_id=3, pad_id=0)
-  assert _decode._cache_size() == size
+  assert decode_jit._cache_size() == size
 
 
 def test_prompts_sharded_over_the_batch_decode_sharded_and_alike():

@@ -46,7 +46,7 @@ from mmjax import io
 # decode()'s own checks read the prompts' values; an exported caption's are traced (and
 # well-formed by construction), so it calls the jitted core under them.
 from mmjax.generate.decode import Settings as DecodeSettings
-from mmjax.generate.decode import _decode as decode_core  # pylint: disable=protected-access
+from mmjax.generate.decode import decode_jit as decode_core
 from mmjax.io.trees import flat
 
 FUNCTIONS = ("image", "text", "zeroshot", "classify", "caption")

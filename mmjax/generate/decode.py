@@ -91,7 +91,7 @@ def decode(model, variables, prompt_ids, prompt_mask, *, images=None, max_new_to
                       float(length_penalty), num_return)
   rng = jax.random.key(0) if rng is None else rng
   # Prompts sharded over the batch stay so: the cache and every step follow them.
-  return _decode(model, settings, variables, jnp.asarray(prompt_ids, jnp.int32),
+  return decode_jit(model, settings, variables, jnp.asarray(prompt_ids, jnp.int32),
                  jnp.asarray(prompt_mask, jnp.int32), rng,
                  None if images is None else jnp.asarray(images))
 
@@ -163,7 +163,9 @@ def lengths(tokens: jax.Array, eos_id: int) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def _decode(model, s: Settings, variables, ids, mask, rng, images) -> Decoded:
+def decode_jit(model, s: Settings, variables, ids, mask, rng, images) -> Decoded:
+  """`decode` without its host-side checks of the inputs' values: traceable inside another
+  jit or `jax.export` (mmjax.deploy.export), and `.lower()`-able ahead of time."""
   b = ids.shape[0]
   image_tokens = None                                                   # [B, M, D]
   if images is not None:
