@@ -11,7 +11,10 @@ import json
 import math
 
 import grain
+import jax
 import numpy as np
+from absl import flags
+from jax.experimental import multihost_utils
 
 from mmjax.data import image_ops
 from mmjax.data.errors import DataError
@@ -251,7 +254,6 @@ def _label_budget(source, n: int, seed: int, split: str):
 
 def _process_defaults(process_index, process_count) -> tuple[int, int]:
   if process_index is None or process_count is None:
-    import jax  # pylint: disable=g-import-not-at-top
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
   if not 0 <= process_index < process_count:
@@ -299,7 +301,6 @@ def _prefetch(ds: grain.IterDataset, workers: int) -> grain.IterDataset:
   """`ds` computed in `workers` grain processes (none: in this one)."""
   if workers <= 0:
     return ds
-  from absl import flags  # pylint: disable=g-import-not-at-top
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()  # grain reads its flags; outside an absl app none were parsed
   return ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=2))
@@ -323,7 +324,6 @@ class ProcessStates:
     state = self.iterator.get_state()
     if self.count == 1:
       return {'processes': [state]}
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     data = np.frombuffer(json.dumps(state).encode(), np.uint8)
     longest = int(np.max(multihost_utils.process_allgather(np.array([data.size]))))
     rows = multihost_utils.process_allgather(np.pad(data, (0, longest - data.size),
