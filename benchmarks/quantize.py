@@ -2,13 +2,19 @@
 the jitted forward, float vs int8-weight vs w8a8 (dynamic and calibrated static range).
 
   python benchmarks/quantize.py [--root DIR] [--digits-steps 600] [--demo-steps 400]
-      [--models digits,demo] [--calibration-steps 8] [--latency-batch 64]
+      [--models digits,demo,hf_vit] [--calibration-steps 8] [--latency-batch 64]
 
 Trains (or reuses, when DIR/<model>/float has a checkpoint) the float models:
   digits  configs/finetune_digits.py (ViT width 96, depth 4, a 10-way classifier) from
           scratch; metric: accuracy on the held-out 20% (report_acc)
   demo    configs/demo.py for --demo-steps (a shortened demo; the zero-shot model);
           metrics: zero-shot colour / shape accuracy on held-out shapes
+  hf_vit  a transformers ViTForImageClassification (width 96, depth 4, patch 4 on 32 px),
+          saved with save_pretrained, then `mmjax finetune`d from that directory
+          (init.towers: its tower, size and normalisation; a new 10-way head) with
+          configs/finetune_digits.py for --digits-steps; metric as digits. Its weights are
+          random-init (no hub downloads here): what it measures is the converted HF
+          architecture (CLS pooling, HF's LayerNorm eps and GELU) under quantization.
 then writes one quantized workdir per mode and prints one JSON line per (model, variant).
 Latency: the median of 20 calls of the jitted forward (digits: classify; demo: the image
 tower + projection, what zero-shot scores an image with) on one test batch, after
@@ -34,16 +40,39 @@ MODELS = {
     "digits": dict(config="finetune_digits", metrics=("report_acc",), method="classify"),
     "demo": dict(config="demo", metrics=("zeroshot_color_acc", "zeroshot_shape_acc"),
                  method="encode_image"),
+    "hf_vit": dict(config="finetune_digits", metrics=("report_acc",), method="classify"),
 }
+# The Hugging Face ViT of `hf_vit`: the digits model's size in HF's architecture.
+HF_VIT = dict(hidden_size=96, intermediate_size=192, num_hidden_layers=4,
+              num_attention_heads=4, image_size=32, patch_size=4, num_labels=10)
 VARIANTS = (("int8-weight", 0), ("w8a8", 0), ("w8a8", None))   # None: --calibration-steps
+
+
+def hf_vit_dir(path: pathlib.Path) -> pathlib.Path:
+  """A random-init transformers ViTForImageClassification saved in `path` (once)."""
+  if not (path / "config.json").is_file():
+    import torch  # pylint: disable=g-import-not-at-top
+    import transformers  # pylint: disable=g-import-not-at-top
+    torch.manual_seed(0)
+    model = transformers.ViTForImageClassification(transformers.ViTConfig(**HF_VIT))
+    model.eval().save_pretrained(path)
+  return path
 
 
 def train_float(name: str, work: pathlib.Path, steps: int) -> None:
   if (work / "checkpoints").is_dir() and any((work / "checkpoints").iterdir()):
     return
-  config = mmjax.load_config(MODELS[name]["config"], [f"--config.total_steps={steps}"])
+  overrides = [f"--config.total_steps={steps}"]
+  if name == "hf_vit":     # the HF tower, size and normalisation; a new head
+    hf = hf_vit_dir(work.parent / "hf")
+    overrides += [f"--config.init.path={hf}", "--config.init.towers=True",
+                  r"--config.init.ignore=^classifier\."]
+  config = mmjax.load_config(MODELS[name]["config"], overrides)
   t = time.time()
-  mmjax.train(config, work, progress=False)
+  if name == "hf_vit":
+    mmjax.finetune(config, work, progress=False)
+  else:
+    mmjax.train(config, work, progress=False)
   print(json.dumps({"model": name, "trained": str(work), "steps": steps,
                     "seconds": round(time.time() - t, 1)}), flush=True)
 
@@ -92,7 +121,7 @@ def main():
   for name in args.models.split(","):
     spec = MODELS[name]
     base = root / name / "float"
-    train_float(name, base, args.digits_steps if name == "digits" else args.demo_steps)
+    train_float(name, base, args.demo_steps if name == "demo" else args.digits_steps)
     rows = [("float", 0, base)]
     for mode, steps in VARIANTS:
       steps = args.calibration_steps if steps is None else steps

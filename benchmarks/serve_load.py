@@ -3,6 +3,7 @@ with dynamic batching on and off, and with a share of malformed requests mixed i
 
   .venv/bin/python benchmarks/serve_load.py [--workdir W] [--clients 32] [--seconds 20]
       [--stress-clients 64] [--stress-seconds 60] [--malformed 0.2] [--route embed/image]
+      [--http h11,httptools]
 
 Without --workdir, writes an untrained workdir of configs/demo.py's model (its towers,
 tokenizer and 32x32 images; throughput does not depend on the weights). Each run starts
@@ -14,8 +15,11 @@ one at a time before the load; every good answer under load must equal its refer
 (atol 1e-5). Prints one JSON line per run, then a summary line with the targets: zero
 5xx under the stress run, batching on >= 3x the requests/s of batching off. Each run
 also measures GET /healthz at the same concurrency (the HTTP stack's ceiling, no model
-work), and the summary the image function alone at batch 1 and max_batch (rows/s): the
-gain batching can give where the model, not HTTP, is the bottleneck.
+work) and the server process's CPU time per answered request during the load (read from
+/proc: what batching saves, whatever share of the shared cores the server got), and the
+summary the image function alone at batch 1 and max_batch (rows/s): the gain batching can
+give where the model, not HTTP, is the bottleneck. `--http` runs the on/off pair once per
+uvicorn HTTP parser given (the stress run uses the first); `--stress-seconds 0` skips it.
 """
 from __future__ import annotations
 
@@ -106,9 +110,10 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def start_server(workdir, port: int, batching: bool, max_batch: int, log) -> subprocess.Popen:
+def start_server(workdir, port: int, batching: bool, max_batch: int, http: str,
+                 log) -> subprocess.Popen:
   cmd = [sys.executable, "-m", "mmjax.cli", "serve", "--workdir", str(workdir), "--port",
-         str(port), "--max-batch", str(max_batch), "--queue", "1024"]
+         str(port), "--max-batch", str(max_batch), "--queue", "1024", "--http", http]
   if not batching:
     cmd.append("--no-batching")
   proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
@@ -126,6 +131,12 @@ def start_server(workdir, port: int, batching: bool, max_batch: int, log) -> sub
       proc.kill()
       raise SystemExit("mmjax serve was not ready within 600 s")
     time.sleep(0.2)
+
+
+def cpu_seconds(pid: int) -> float:
+  """User + system CPU time of process `pid` so far (Linux /proc)."""
+  fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+  return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def mean_batch(metrics: str, function: str) -> float:
@@ -180,22 +191,25 @@ async def drive(url: str, route: str, clients: int, seconds: float, malformed: f
           "transport_errors": transport, "wrong_answers": mismatched}
 
 
-async def ceiling(url: str, clients: int, seconds: float) -> float:
-  """Requests/s of GET /healthz: what the HTTP stack and this load generator allow with no
-  model work at all."""
-  done, end = 0, time.perf_counter() + seconds
+async def ceiling(url: str, clients: int, seconds: float) -> tuple[float, int]:
+  """(requests/s of GET /healthz, transport errors): what the HTTP stack and this load
+  generator allow with no model work at all."""
+  done, failed, end = 0, 0, time.perf_counter() + seconds
   async with httpx.AsyncClient(base_url=url, timeout=30,
                                limits=httpx.Limits(max_connections=clients)) as client:
 
     async def one():
-      nonlocal done
+      nonlocal done, failed
       while time.perf_counter() < end:
-        await client.get("/healthz")
-        done += 1
+        try:
+          await client.get("/healthz")
+          done += 1
+        except httpx.TransportError:
+          failed += 1
 
     t0 = time.perf_counter()
     await asyncio.gather(*(one() for _ in range(clients)))
-    return round(done / (time.perf_counter() - t0), 1)
+    return round(done / (time.perf_counter() - t0), 1), failed
 
 
 def model_rows_per_s(workdir, max_batch: int, repeats: int = 40) -> dict:
@@ -222,22 +236,26 @@ def model_rows_per_s(workdir, max_batch: int, repeats: int = 40) -> dict:
 
 
 def run(workdir, route: str, batching: bool, clients: int, seconds: float, malformed: float,
-        max_batch: int, logdir: pathlib.Path) -> dict:
+        max_batch: int, http: str, logdir: pathlib.Path) -> dict:
   port = free_port()
   url = f"http://127.0.0.1:{port}"
   with open(logdir / f"server_{port}.log", "w") as log:
-    proc = start_server(workdir, port, batching, max_batch, log)
+    proc = start_server(workdir, port, batching, max_batch, http, log)
   try:
     references = [answer(route, httpx.post(f"{url}/v1/{route}", timeout=30, **kw).json())
                   for kw in good_requests(route)]
+    cpu = cpu_seconds(proc.pid)
     got = asyncio.run(drive(url, route, clients, seconds, malformed, references))
+    got["server_cpu_ms_per_request"] = round(
+        1000 * (cpu_seconds(proc.pid) - cpu) / max(got["requests"], 1), 2)
     got["mean_batch"] = round(mean_batch(httpx.get(url + "/metrics").text, "image"), 2)
-    got["healthz_rps"] = asyncio.run(ceiling(url, clients, min(seconds, 10)))
+    got["healthz_rps"], got["healthz_transport_errors"] = asyncio.run(
+        ceiling(url, clients, min(seconds, 10)))
   finally:
     proc.terminate()
     proc.wait(60)
-  return {"route": route, "batching": batching, "clients": clients, "seconds": seconds,
-          "malformed": malformed, "max_batch": max_batch, **got}
+  return {"route": route, "batching": batching, "http": http, "clients": clients,
+          "seconds": seconds, "malformed": malformed, "max_batch": max_batch, **got}
 
 
 def main():
@@ -250,6 +268,9 @@ def main():
   p.add_argument("--stress-seconds", type=float, default=60)
   p.add_argument("--malformed", type=float, default=0.2)
   p.add_argument("--max-batch", type=int, default=16)
+  p.add_argument("--http", default="auto",
+                 help="comma-separated uvicorn HTTP parsers (auto, h11, httptools)")
+  p.add_argument("--only-stress", action="store_true", help="skip the on/off pairs")
   args = p.parse_args()
   os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(ROOT / ".pytest_cache" /
                                                          "jax-compilation-cache"))
@@ -258,18 +279,23 @@ def main():
     workdir = args.workdir or demo_workdir(tmp / "demo_untrained")
     common = dict(cpu=cpu_model(), cores=os.cpu_count(),
                   model=str(args.workdir) if args.workdir else "configs/demo.py, untrained")
-    on = run(workdir, args.route, True, args.clients, args.seconds, 0.0, args.max_batch, tmp)
-    print(json.dumps({**common, **on}), flush=True)
-    off = run(workdir, args.route, False, args.clients, args.seconds, 0.0, args.max_batch, tmp)
-    print(json.dumps({**common, **off}), flush=True)
-    stress = run(workdir, args.route, True, args.stress_clients, args.stress_seconds,
-                 args.malformed, args.max_batch, tmp)
-    print(json.dumps({**common, **stress}), flush=True)
+    summary = {}
+    for http in [] if args.only_stress else args.http.split(","):
+      on, off = (run(workdir, args.route, batching, args.clients, args.seconds, 0.0,
+                     args.max_batch, http, tmp) for batching in (True, False))
+      for got in (on, off):
+        print(json.dumps({**common, **got}), flush=True)
+      summary[f"speedup_batching_{http}"] = round(on["rps"] / max(off["rps"], 1e-9), 2)
+      summary[f"server_cpu_per_request_off_over_on_{http}"] = round(
+          off["server_cpu_ms_per_request"] / max(on["server_cpu_ms_per_request"], 1e-9), 2)
+    if args.stress_seconds > 0:
+      stress = run(workdir, args.route, True, args.stress_clients, args.stress_seconds,
+                   args.malformed, args.max_batch, args.http.split(",")[0], tmp)
+      print(json.dumps({**common, **stress}), flush=True)
+      summary.update(stress_5xx=stress["status_5xx"] + stress["transport_errors"],
+                     stress_wrong_answers=stress["wrong_answers"])
     model = model_rows_per_s(workdir, args.max_batch)
-  print(json.dumps({"speedup_batching": round(on["rps"] / max(off["rps"], 1e-9), 2),
-                    "speedup_target": 3.0, **model,
-                    "stress_5xx": stress["status_5xx"] + stress["transport_errors"],
-                    "stress_wrong_answers": stress["wrong_answers"]}))
+  print(json.dumps({**summary, "speedup_target": 3.0, **model}))
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from conftest import cli
 import mmjax
 from mmjax import data as mmdata
 from mmjax import parallel
+from mmjax.deploy import quantize as quantize_lib
 from mmjax.io.trees import flat
 from mmjax.models import quantized
 from mmjax.models.layers import plain_matmuls
@@ -138,6 +139,26 @@ def test_quantize_errors(digits_tiny_workdir, tmp_path):
   fails("--workdir", str(digits_tiny_workdir), "--out", str(tmp_path / "d"),
         "--mode", "int8-weight", "--calibration-steps", "4", says="--mode w8a8")
   assert not any((tmp_path / n).exists() for n in "abcd")
+
+
+def test_quantize_user_errors_are_one_line_and_bugs_keep_their_traceback(
+    digits_tiny_workdir, tmp_path, monkeypatch):
+  broken = tmp_path / "broken"
+  (broken / "checkpoints").mkdir(parents=True)
+  (broken / "config.json").write_text('{"model": ')
+  r = cli("quantize", "--workdir", str(broken), "--out", str(tmp_path / "a"),
+          "--mode", "int8-weight")
+  assert r.returncode == 2 and "malformed JSON" in r.stderr, r.stderr
+  assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+  def bug(*_, **__):
+    raise ValueError("a bug inside the quantization")
+
+  monkeypatch.setattr(quantize_lib.qwix, "quantize_params", bug)
+  with pytest.raises(ValueError, match="a bug inside the quantization"):
+    cli("quantize", "--workdir", str(digits_tiny_workdir), "--out", str(tmp_path / "b"),
+        "--mode", "int8-weight")
+  assert not (tmp_path / "b").exists()
 
 
 @pytest.mark.slow

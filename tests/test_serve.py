@@ -9,10 +9,14 @@ import base64
 import concurrent.futures
 import functools
 import io
+import os
 import re
 import resource
+import signal
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 import zlib
@@ -26,9 +30,10 @@ import uvicorn
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from conftest import cli
+from conftest import ROOT, cli
 import mmjax
 from mmjax.deploy.export import export
+from mmjax.deploy.serve import command as serve_command
 from mmjax.deploy.serve.app import Settings, create_app
 from mmjax.deploy.serve.backend import ExportedBackend, Function, ModelInfo
 from mmjax.deploy.serve.batching import Batcher, Overloaded, TimedOut, buckets
@@ -158,6 +163,12 @@ BAD = {
                     "labels[1] is empty"),
     "text too long": ("/v1/embed/text", dict(json={"texts": ["a" * 1001]}), 422,
                       "texts[0] is 1001 characters; the limit is 1000"),
+    "an integer of 5000 digits": ("/v1/classify", dict(
+        content=b'{"top_k": ' + b"1" * 5000 + b"}", headers={"content-type": "application/json"}),
+        400, "malformed JSON: Exceeds the limit"),
+    "template too long": ("/v1/zeroshot", dict(json={"image": b64(RED), "labels": ["a"],
+                                                     "template": "{}" + "x" * 5000}), 422,
+                          "template: 5002 characters; the limit is 1000"),
     "template without {}": ("/v1/zeroshot", dict(json={"image": b64(RED), "labels": ["a"],
                                                        "template": "a photo"}), 422, "template"),
     "too many images": ("/v1/embed/image", dict(json={"images": [b64(RED)] * 17}), 422,
@@ -167,9 +178,23 @@ BAD = {
     "multipart part without a name": ("/v1/classify", dict(
         content=b"--x\r\nContent-Type: text/plain\r\n\r\nabc\r\n--x--\r\n",
         headers={"content-type": "multipart/form-data; boundary=x"}), 400,
-        'malformed multipart body: The Content-Disposition header field "name"'),
+        'malformed multipart body: part 1 has no "name" in its Content-Disposition header'),
     "multipart without a boundary": ("/v1/classify", dict(content=b"abc", headers={
         "content-type": "multipart/form-data"}), 400, "Missing boundary"),
+    "truncated multipart": ("/v1/embed/text", dict(
+        content=b'--x\r\nContent-Disposition: form-data; name="texts"\r\n\r\nab',
+        headers={"content-type": "multipart/form-data; boundary=x"}), 400,
+        "ends before its closing boundary"),
+    "invalid UTF-8 in a multipart label": ("/v1/zeroshot", dict(
+        files={"image": ("a.png", RED, "image/png")}, data={"labels": ["ok", b"caf\xe9"]}),
+        400, "labels[1]: not valid utf-8 (byte 3)"),
+    "invalid UTF-8 in a multipart text": ("/v1/embed/text", dict(
+        files={"texts": (None, b"\xff\xfe")}), 400, "texts: not valid utf-8 (byte 0)"),
+    "unknown multipart charset": ("/v1/embed/text", dict(content=b"--x--\r\n", headers={
+        "content-type": "multipart/form-data; boundary=x; charset=klingon"}), 415, "klingon"),
+    "too many file parts": ("/v1/embed/image", dict(
+        files=[("images", ("a.png", RED, "image/png"))] * 17), 422,
+        "more than 16 file parts"),
     "text to an image classifier": ("/v1/classify", dict(json={"image": b64(RED), "text": "a"}),
                                     422, "classifies images"),
     "no decoder": ("/v1/caption", dict(json={"image": b64(RED)}), 404,
@@ -234,6 +259,27 @@ def test_routes_json_and_multipart_agree(fake):
   np.testing.assert_allclose(s["similarities"],
                              np.asarray(e["embeddings"]) @ np.asarray(t["embeddings"]).T,
                              atol=1e-6)
+
+
+def test_multipart_text_is_utf8_and_a_declared_charset_is_honoured(fake):
+  labels = ["café", "猫", "naïve"]
+  got = fake.post("/v1/zeroshot", files={"image": ("a.png", RED, "image/png")},
+                  data={"labels": labels}).json()
+  assert got["labels"] == labels
+  body = (b'--x\r\nContent-Disposition: form-data; name="texts"\r\n\r\ncaf\xe9\r\n--x--\r\n')
+  latin = fake.post("/v1/embed/text", content=body, headers={
+      "content-type": "multipart/form-data; boundary=x; charset=latin-1"})
+  assert latin.json() == fake.post("/v1/embed/text", json={"texts": ["café"]}).json()
+  as_utf8 = fake.post("/v1/embed/text", content=body, headers={
+      "content-type": "multipart/form-data; boundary=x"})
+  assert as_utf8.status_code == 400 and "texts: not valid utf-8" in as_utf8.json()["error"]
+  # A file part named only in RFC 5987's form (filename*=) is still a file.
+  upload = (b"--x\r\nContent-Disposition: form-data; name=\"images\"; "
+            b"filename*=UTF-8''caf%C3%A9.png\r\nContent-Type: image/png\r\n\r\n" + RED +
+            b"\r\n--x--\r\n")
+  got = fake.post("/v1/embed/image", content=upload, headers={
+      "content-type": "multipart/form-data; boundary=x"})
+  assert got.json() == fake.post("/v1/embed/image", json={"images": [b64(RED)]}).json()
 
 
 def test_health_info_metrics_docs_and_page(fake):
@@ -320,6 +366,43 @@ def test_batcher_survives_a_failing_call():
   asyncio.run(main())
 
 
+def test_batcher_survives_rows_that_do_not_stack():
+  """Two requests gathered into one call whose rows cannot be concatenated: both get the
+  error, and the collector still answers the next request (a dead collector would leave
+  every later request waiting for its timeout)."""
+  async def main():
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    b = Batcher("f", lambda x: x, (np.zeros((1, 2)),), executor=pool, max_batch=4,
+                max_wait_s=0.5)
+    b.start()
+    got = await asyncio.gather(b.submit(np.ones((1, 2)), timeout_s=10),
+                               b.submit(np.ones((1, 3)), timeout_s=10), return_exceptions=True)
+    assert all(isinstance(g, ValueError) for g in got), got
+    np.testing.assert_array_equal(await b.submit(np.ones((1, 2)), timeout_s=10), np.ones((1, 2)))
+    await b.stop()
+    pool.shutdown()
+
+  asyncio.run(main())
+
+
+def test_large_images_are_decoded_off_the_event_loop():
+  """Whether an image is decoded on the event loop depends on its pixels (from its
+  header), not its encoded bytes: a 2000 x 2000 PNG of one colour is ~10 KB."""
+  backend, threads = FakeBackend(), []
+  rows = backend.image_rows
+  backend.image_rows = lambda image: (threads.append(threading.get_ident()), rows(image))[1]
+  big = png(size=(2000, 2000), color=(0, 0, 255))
+  assert len(big) < 64 << 10
+  with TestClient(create_app(backend, Settings(max_batch=4, max_wait_ms=1))) as c:
+    wait_ready(c)
+    loop_thread = c.portal.call(threading.get_ident)
+    small = c.post("/v1/embed/image", json={"images": [b64(RED)]})
+    large = c.post("/v1/embed/image", json={"images": [b64(big)]})
+  assert small.status_code == large.status_code == 200
+  assert np.argmax(large.json()["embeddings"][0]) == 2
+  assert threads[0] == loop_thread and threads[1] != loop_thread
+
+
 def test_full_queue_is_503_with_retry_after_and_readyz_waits_for_warm_up():
   gate = threading.Event()
   app = create_app(FakeBackend(gate), Settings(max_batch=1, queue=2, timeout_s=20))
@@ -382,6 +465,94 @@ def test_graceful_shutdown_finishes_in_flight_requests():
   assert not thread.is_alive()
   with pytest.raises(httpx.TransportError):
     httpx.get(url + "/healthz")
+
+
+def test_a_stalled_upload_is_408_and_the_server_answers_others():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  app = create_app(FakeBackend(), Settings(limits=Limits(body_timeout_s=0.5)))
+  server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+  thread = threading.Thread(target=server.run)
+  thread.start()
+  try:
+    url, end = f"http://127.0.0.1:{port}", time.time() + 30
+    while True:
+      try:
+        if httpx.get(url + "/readyz").status_code == 200:
+          break
+      except httpx.TransportError:
+        pass
+      assert time.time() < end
+      time.sleep(0.05)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+      conn.sendall(b"POST /v1/embed/text HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                   b"\r\nContent-Length: 100\r\n\r\n{\"texts\": [")      # and then nothing
+      t = time.time()
+      reply = b""
+      while b"\r\n\r\n" not in reply or not reply.rstrip().endswith(b"}"):
+        chunk = conn.recv(4096)
+        if not chunk:
+          break
+        reply += chunk
+      waited = time.time() - t
+    assert reply.startswith(b"HTTP/1.1 408"), reply
+    assert b'"error":"the request body did not arrive within 0.5 s"' in reply
+    assert 0.4 < waited < 5
+    assert httpx.post(url + "/v1/embed/text", json={"texts": ["ab"]}).status_code == 200
+  finally:
+    server.should_exit = True
+    thread.join(10)
+
+
+TINY_SERVER = """
+import sys
+import numpy as np
+from mmjax.deploy.serve.app import create_app, serve
+from mmjax.deploy.serve.backend import Function, ModelInfo
+
+class Tiny:
+  info = ModelInfo(source="tiny", embed_dim=2, classify_input="", class_names=(),
+                   image_size=None, max_len=4, logit_scale=1.0)
+  functions = {"text": Function(lambda ids, mask: np.full((len(ids), 2), 0.5 ** 0.5),
+                                (np.ones((1, 4), np.int32),) * 2)}
+
+  def text_rows(self, texts):
+    return (np.ones((len(texts), 4), np.int32),) * 2
+
+print("served", serve(create_app(Tiny()), port=int(sys.argv[1]), http="h11"), flush=True)
+"""
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_a_stop_signal_drains_and_returns(sig):
+  """Ctrl-C or SIGTERM: uvicorn drains and `serve` returns True (uvicorn's re-raised
+  signal is neither a KeyboardInterrupt traceback nor a death by SIGTERM)."""
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  proc = subprocess.Popen([sys.executable, "-c", TINY_SERVER, str(port)], cwd=ROOT,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)), text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+  try:
+    end = time.time() + 120
+    while True:
+      assert proc.poll() is None, proc.communicate()
+      try:
+        if httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200:
+          break
+      except httpx.TransportError:
+        pass
+      assert time.time() < end
+      time.sleep(0.1)
+    r = httpx.post(f"http://127.0.0.1:{port}/v1/embed/text", json={"texts": ["a"]})
+    assert r.status_code == 200 and r.json()["dim"] == 2
+    proc.send_signal(getattr(signal, sig))
+    out, err = proc.communicate(timeout=60)
+  finally:
+    proc.kill()
+  assert proc.returncode == 0 and "served True" in out, (proc.returncode, out, err)
+  assert "Traceback" not in err and "Finished server process" in err, err
 
 
 # --- the real model ---------------------------------------------------------------------
@@ -453,13 +624,16 @@ def test_concurrent_requests_share_batches_and_compile_nothing(model):
   assert not lowered, lowered                         # every batch size was compiled at warm-up
 
 
-def test_cli_serve_errors(tmp_path):
+def test_cli_serve_errors(tmp_path, monkeypatch):
   r = cli("serve", "--workdir", "/nonexistent/run")
   assert r.returncode == 2 and "does not exist" in r.stderr
   r = cli("serve", "--export", str(tmp_path))
   assert r.returncode == 2 and "no manifest.json" in r.stderr
   r = cli("serve", "--workdir", str(tmp_path), "--max-batch", "0")
   assert r.returncode == 2 and "--max-batch=0: must be >= 1" in r.stderr
+  monkeypatch.setattr(serve_command.importlib.util, "find_spec", lambda name: None)
+  r = cli("serve", "--workdir", str(tmp_path), "--http", "httptools")
+  assert r.returncode == 2 and "httptools is not installed" in r.stderr
 
 
 def test_export_serves_the_same_answers(model, serve_workdir, tmp_path):

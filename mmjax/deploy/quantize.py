@@ -37,6 +37,10 @@ from mmjax.train.state import TrainState
 CARRIED = ("tokenizer.json", "vocab.txt", "label_names.json", "hf_config.json")
 
 
+class QuantizeError(ValueError):
+  """A bad argument, or a --workdir that cannot be read or quantized: the caller's to fix."""
+
+
 def _tree_bytes(tree: Any) -> int:
   return int(sum(np.asarray(x).nbytes for x in jax.tree.leaves(tree)))
 
@@ -64,19 +68,26 @@ def calibrate(config, model, params, batch_stats, tokenizer, mode: str, steps: i
   # count stays 1 and sum_of_absmax holds the max, so qwix's average is the max.
   over_batch = lambda x: x.max(axis=0, keepdims=True) if x.ndim else x
 
+  # The variables are an argument, not a closure: captured, they would be constants
+  # that XLA folds at compile time (seconds per layer).
   @jax.jit
-  def batch_absmax(batch):
-    _, updated = qt.apply(variables(params, batch_stats), batch, train=False, rngs=rngs,
+  def batch_absmax(model_variables, batch):
+    _, updated = qt.apply(model_variables, batch, train=False, rngs=rngs,
                           mutable=["quant_stats"])
     return jax.tree.map(over_batch, updated["quant_stats"])
+
+  model_variables = variables(params, batch_stats)
 
   stats = None
   for _ in range(steps):
     batch = next(it, None)
     if batch is None:
       break
-    got = batch_absmax(parallel.device_batch(batch, mesh))
+    got = batch_absmax(model_variables, parallel.device_batch(batch, mesh))
     stats = got if stats is None else jax.tree.map(jnp.maximum, stats, got)
+  if stats is None:
+    raise QuantizeError(f"--calibration-steps={steps}: the train split of "
+                        f"{config.data.get('name')!r} gave no batch to calibrate on")
   return jax.device_get(stats)
 
 
@@ -87,20 +98,20 @@ def quantize(workdir, out, mode: str, calibration_steps: int = 0, step: int | No
   out = pathlib.Path(out).expanduser().absolute()
   _check_out(out)
   if calibration_steps < 0:
-    raise ValueError(f"--calibration-steps={calibration_steps}: expected >= 0")
+    raise QuantizeError(f"--calibration-steps={calibration_steps}: expected >= 0")
   static = calibration_steps > 0
   if static and mode != "w8a8":
-    raise ValueError(f"--calibration-steps sets static activation scales, which only "
-                     f"--mode w8a8 has (got --mode {mode})")
-  about = io.load(workdir, params=False, what="--workdir")    # config only: checks first
+    raise QuantizeError(f"--calibration-steps sets static activation scales, which only "
+                        f"--mode w8a8 has (got --mode {mode})")
+  about = _load(workdir, None, params=False)    # config only: checks first
   if about.kind != "workdir":
-    raise ValueError(f"--workdir {workdir} is a Hugging Face directory; convert it first "
-                     f"(mmjax convert --from-hf DIR --to WORKDIR)")
+    raise QuantizeError(f"--workdir {workdir} is a Hugging Face directory; convert it first "
+                        f"(mmjax convert --from-hf DIR --to WORKDIR)")
   if (about.config.model.get("quantize") or {}).get("mode"):
-    raise ValueError(f"--workdir {workdir} is quantized already "
-                     f"(model.quantize={about.config.model.quantize.to_dict()})")
+    raise QuantizeError(f"--workdir {workdir} is quantized already "
+                        f"(model.quantize={about.config.model.quantize.to_dict()})")
   quantized.check_quantizable(about.config.model, mode)
-  loaded = io.load(workdir, step, what="--workdir")
+  loaded = _load(workdir, step)
   config = loaded.config
 
   model = loaded.model()
@@ -120,7 +131,7 @@ def quantize(workdir, out, mode: str, calibration_steps: int = 0, step: int | No
   tmp.mkdir(parents=True)
   for name in CARRIED:
     if (loaded.path / name).is_file():
-      shutil.copy2(loaded.path / name, tmp / name)
+      (tmp / name).write_bytes((loaded.path / name).read_bytes())   # also from gs://
   state = TrainState(step=jnp.asarray(loaded.step, jnp.int32), params=qparams, opt_state={},
                      rng=jax.random.PRNGKey(config.get("seed", 0)),
                      batch_stats=loaded.batch_stats)
@@ -141,6 +152,17 @@ def quantize(workdir, out, mode: str, calibration_steps: int = 0, step: int | No
           "checkpoint_bytes": dir_bytes(out / "checkpoints")}
 
 
+def _load(workdir, step: int | None, params: bool = True) -> io.Loaded:
+  """`io.load` of --workdir, whose ValueErrors (malformed config or JSON, a checkpoint of
+  another model, a broken delta base) and KeyErrors (a config without a key) are about
+  the files given: QuantizeError. Errors of the quantization itself stay what they are."""
+  try:
+    return io.load(workdir, step, params=params, what="--workdir")
+  except (ValueError, KeyError) as e:
+    message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+    raise QuantizeError(message) from e
+
+
 def add_arguments(p) -> None:
   """`mmjax quantize`'s flags on the argparse (sub)parser `p`."""
   p.add_argument("--workdir", required=True, help="a trained mmjax workdir")
@@ -156,15 +178,15 @@ def add_arguments(p) -> None:
 
 
 def main(args) -> int:
-  """`mmjax quantize` (args from mmjax.cli); exit 2 with one line on a user error."""
+  """`mmjax quantize` (args from mmjax.cli); exit 2 with one line on a user error. Any
+  other exception is a bug in mmjax (or qwix) and keeps its traceback."""
   try:
     result = quantize(args.workdir, args.out, args.mode, args.calibration_steps, args.step)
-  except (FileNotFoundError, FileExistsError, ValueError, KeyError,
-          io.CheckpointMismatch, io.UnreadableCheckpoint) as e:
+  except (FileNotFoundError, FileExistsError, PermissionError, QuantizeError,
+          quantized.NotQuantizable, mmdata.DataError) as e:
     if os.environ.get("MMJAX_TRACEBACK"):
       raise
-    message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-    print(f"mmjax quantize: error: {message}", file=sys.stderr)
+    print(f"mmjax quantize: error: {e}", file=sys.stderr)
     return 2
   print(json.dumps(result))
   return 0

@@ -12,7 +12,10 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import logging
+import os
 import pathlib
+import signal
+import threading
 
 import numpy as np
 import prometheus_client as prom
@@ -26,15 +29,21 @@ from starlette.exceptions import HTTPException
 
 from mmjax.deploy.serve import schemas
 from mmjax.deploy.serve.batching import Batcher, Overloaded, TimedOut
-from mmjax.deploy.serve.inputs import (ApiError, Body, Limits, check_texts, decode_image, parse,
-                                       validate)
+from mmjax.deploy.serve.inputs import (ApiError, Body, Limits, check_texts, load_rgb, open_image,
+                                       parse, validate)
 from mmjax.deploy.serve.metrics import Metrics, MetricsMiddleware
 
 log = logging.getLogger(__name__)
 PAGE = pathlib.Path(__file__).with_name("page.html")
-# Encoded images up to this size are decoded on the event loop: a thread hop costs more
-# than decoding them (a 224 x 224 JPEG is ~20 KB, ~1 ms); larger ones go to a thread.
-INLINE_DECODE_BYTES = 64 << 10
+# Requests whose images hold up to this many pixels (their headers say) are decoded on
+# the event loop: a thread hop costs more than decoding them (a 224 x 224 JPEG: ~1 ms).
+# Larger ones go to a thread. The pixels, not the encoded bytes, decide: a 4096 x 4096
+# PNG of one colour is a few KB and decodes to 50 MB in tens of milliseconds.
+INLINE_DECODE_PIXELS = 256 * 256
+# Large decodes in flight at once: each holds up to max_pixels x 3 bytes (x2 while
+# converted to RGB), so this bounds their memory whatever the number of clients.
+DECODE_SLOTS = max(1, min(4, os.cpu_count() or 1))
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)      # after which `serve` drains and returns
 
 # What each function a route runs means, for the 404 of a model without it.
 _MISSING = {"image": "this model has no joint image-text embedding (no image tower or "
@@ -119,7 +128,8 @@ def _body_doc(model) -> dict:
                                          "the same fields; images as file parts"}}}}}
 
 
-_ERRORS = {code: {"model": schemas.ErrorOut} for code in (400, 404, 413, 415, 422, 503, 504)}
+_ERRORS = {code: {"model": schemas.ErrorOut} for code in (400, 404, 408, 413, 415, 422, 503,
+                                                            504)}
 
 
 def create_app(backend, settings: Settings = Settings()) -> FastAPI:
@@ -127,6 +137,7 @@ def create_app(backend, settings: Settings = Settings()) -> FastAPI:
   metrics = Metrics()
   service = Service(backend, settings, metrics)
   limits, info = settings.limits, backend.info
+  decode_slots = asyncio.Semaphore(DECODE_SLOTS)
 
   @contextlib.asynccontextmanager
   async def lifespan(_):
@@ -167,13 +178,17 @@ def create_app(backend, settings: Settings = Settings()) -> FastAPI:
     if len(body.images) > most:
       raise ApiError(422, f"{field}: {len(body.images)} images given; the limit is {most}")
 
-    def prepare():
-      return np.concatenate([backend.image_rows(decode_image(data, where, limits.max_pixels))
-                             for where, data in body.images])
+    opened = [(where, open_image(data, where, limits.max_pixels))
+              for where, data in body.images]              # headers only: sizes checked
 
-    if sum(len(data) for _, data in body.images) <= INLINE_DECODE_BYTES:
+    def prepare():
+      return np.concatenate([backend.image_rows(load_rgb(image, where))
+                             for where, image in opened])
+
+    if sum(image.width * image.height for _, image in opened) <= INLINE_DECODE_PIXELS:
       return prepare()
-    return await run_in_threadpool(prepare)
+    async with decode_slots:
+      return await run_in_threadpool(prepare)
 
   def texts_in(texts: list[str], field: str) -> tuple[np.ndarray, np.ndarray]:
     return backend.text_rows(check_texts(texts, field, limits))
@@ -210,6 +225,9 @@ def create_app(backend, settings: Settings = Settings()) -> FastAPI:
     needs("image", "text")
     body = await parse(request, limits, ("image",), lists=("labels",))
     fields = validate(schemas.ZeroShotIn, body.fields)
+    if len(fields.template) > limits.max_text_chars:    # before it is copied per label
+      raise ApiError(422, f"template: {len(fields.template)} characters; the limit is "
+                          f"{limits.max_text_chars}")
     if "{}" not in fields.template:
       raise ApiError(422, f"template: {fields.template!r} has no '{{}}' for the label")
     labels = check_texts(fields.labels, "labels", limits)
@@ -320,12 +338,23 @@ def _softmax(x: np.ndarray) -> np.ndarray:
 
 
 def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, *,
-          graceful_s: float = 30.0) -> bool:
+          graceful_s: float = 30.0, http: str = "auto") -> bool:
   """Run `app` under uvicorn until SIGINT/SIGTERM; then stop taking connections, finish
   the requests in flight (up to `graceful_s`), drain the batchers and return True (False:
-  it never started, e.g. the port was taken)."""
-  config = uvicorn.Config(app, host=host, port=port, log_level="info",
+  it never started, e.g. the port was taken). `http`: uvicorn's HTTP parser, "auto" is
+  httptools when installed (the `serve` extra), else h11; the event loop is uvloop's when
+  installed."""
+  config = uvicorn.Config(app, host=host, port=port, log_level="info", http=http,
                           timeout_graceful_shutdown=graceful_s, access_log=False)
   server = uvicorn.Server(config)
-  server.run()
+  # Once drained, uvicorn raises the signal that stopped it again, for the handler in
+  # place before it ran: here one that ignores it, so that the caller gets its return
+  # value (not a KeyboardInterrupt traceback, nor death by SIGTERM after a clean drain).
+  main = threading.current_thread() is threading.main_thread()
+  before = {sig: signal.signal(sig, lambda *_: None) for sig in _STOP_SIGNALS} if main else {}
+  try:
+    server.run()
+  finally:
+    for sig, handler in before.items():
+      signal.signal(sig, handler)
   return server.started

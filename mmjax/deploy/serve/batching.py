@@ -175,13 +175,14 @@ class Batcher:
   async def _run(self, loop, jobs: Sequence[_Job]) -> None:
     rows = sum(j.rows for j in jobs)
     size = self.bucket(rows)
-    inputs = pad_to(tuple(np.concatenate(parts) for parts in zip(*(j.arrays for j in jobs))),
-                    size)
     try:
+      inputs = pad_to(tuple(np.concatenate(parts) for parts in zip(*(j.arrays for j in jobs))),
+                      size)
       out = await loop.run_in_executor(self.executor, self.fn, *inputs)
     except Exception as e:  # pylint: disable=broad-except
-      # The model failed on this batch: each of its requests gets the error; the
-      # collector lives on for the next batch.
+      # Rows that do not stack, or a model that failed on this batch: each of its requests
+      # gets the error, and the collector lives on for the next batch (were it to die,
+      # every later request would wait for its timeout).
       for j in jobs:
         if not j.future.done():
           j.future.set_exception(e)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 
@@ -30,13 +31,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                  help="how long a batch waits for more requests after its first")
   p.add_argument("--queue", type=int, default=256,
                  help="queued requests per function before answering 503")
-  p.add_argument("--timeout-s", type=float, default=30.0, help="per request (504 after)")
+  p.add_argument("--timeout-s", type=float, default=30.0,
+                 help="per request: to receive its body (408 after), and for the model's "
+                      "answer (504 after)")
   p.add_argument("--no-batching", action="store_true",
                  help="one model call per request (for comparison)")
   p.add_argument("--max-request-mb", type=float, default=8.0, help="request body limit")
   p.add_argument("--max-pixels", type=int, default=4096 * 4096, help="per image")
   p.add_argument("--max-labels", type=int, default=64,
                  help="labels, prompts or texts per request")
+  p.add_argument("--http", default="auto", choices=("auto", "h11", "httptools"),
+                 help="uvicorn's HTTP parser (auto: httptools when installed, else h11)")
   p.add_argument("--no-progress", action="store_true", help=argparse.SUPPRESS)
 
 
@@ -50,6 +55,8 @@ def _problem(args) -> str:
                       ("--max-request-mb", args.max_request_mb)):
     if not value > 0:
       return f"{flag}={value}: must be > 0"
+  if args.http == "httptools" and importlib.util.find_spec("httptools") is None:
+    return "--http=httptools: httptools is not installed (pip install httptools)"
   return ""
 
 
@@ -79,12 +86,13 @@ def main(args) -> int:
     print(f"mmjax serve: error: {message}", file=sys.stderr)
     return 2
   limits = Limits(max_request_bytes=int(args.max_request_mb * (1 << 20)),
-                  max_pixels=args.max_pixels, max_texts=args.max_labels)
+                  max_pixels=args.max_pixels, max_texts=args.max_labels,
+                  body_timeout_s=args.timeout_s)
   settings = app_lib.Settings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                               queue=args.queue, timeout_s=args.timeout_s,
                               batching=not args.no_batching, limits=limits)
   started = app_lib.serve(app_lib.create_app(backend, settings), args.host, args.port,
-                          graceful_s=args.timeout_s)
+                          graceful_s=args.timeout_s, http=args.http)
   if not started:
     print(f"mmjax serve: error: could not listen on {args.host}:{args.port}", file=sys.stderr)
     return 1
