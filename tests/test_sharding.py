@@ -221,3 +221,23 @@ for name in ("tp", "chunked"):
   r = run_python(code, devices=8)
   assert r.returncode == 0, r.stderr[-3000:]
   assert r.stdout.count("max param diff") == 2, r.stdout
+
+
+def test_cli_tactic_that_cannot_shard_a_param_is_one_line_and_writes_nothing(tmp_path):
+  # 3 devices: no dimension of the tiny model's token embedding (169, 32) divides by 3.
+  workdir = tmp_path / "wd"
+  code = f"""
+import sys
+from mmjax import cli
+sys.exit(cli.main(["train", "--config", "demo:tiny", "--workdir", {str(workdir)!r},
+                   "--no-progress", "--config.batch_size=12", "--config.eval_batch_size=12",
+                   "--config.mesh.data=1", "--config.mesh.fsdp=3",
+                   "--config.sharding.tactic=fsdp", "--config.sharding.min_size_mb=0.01"]))
+"""
+  r = run_python(code, devices=3)
+  assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
+  assert r.stderr.strip().splitlines()[-1] == (
+      "mmjax train: error: sharding tactic 'fsdp': params/text_tower/token_embed/embedding "
+      "(169, 32) (0.02 MB > sharding.min_size_mb=0.01) has no free dimension divisible by "
+      "mesh axis 'fsdp' of size 3; add a sharding rule for it or raise sharding.min_size_mb")
+  assert not workdir.exists()
