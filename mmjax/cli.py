@@ -149,6 +149,19 @@ def main(argv: list[str] | None = None) -> int:
                       force=True)
   for noisy in ("absl", "jax._src", "orbax", "grain"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
+  # gcsfs (and google-auth under it) warn on every request without project credentials,
+  # and gcsfs logs each failure's stack trace; the failures that matter reach the user as
+  # errors.
+  logging.getLogger("gcsfs").setLevel(logging.CRITICAL)
+  logging.getLogger("google.auth").setLevel(logging.ERROR)
+  logging.getLogger("fsspec").setLevel(logging.WARNING)
+  workdir = getattr(args, "workdir", None)
+  try:     # a gs:// workdir that does not answer: one line, in seconds, nothing written
+    if workdir:
+      io.storage.check(workdir, "--workdir")
+  except (io.RemoteUnreachable, ValueError) as e:    # ValueError: a bad MMJAX_REMOTE_TIMEOUT
+    print(f"mmjax {args.command}: error: {e}", file=sys.stderr)
+    return 2
   if args.command == "generate":
     return generate_run.main(args)
   if args.command == "export":

@@ -7,8 +7,9 @@ stablehlo (default): per function, `<name>.jaxexport`, a serialized `jax.export.
 with a symbolic batch dimension "b" (and "n", the number of label prompts, for zeroshot),
 lowered for CPU, CUDA and TPU in one artifact where the lowering allows (else CPU alone,
 said in the manifest). `mmjax.deploy.exported.load_exported(DIR)` runs them. "caption"
-(a captioner: a causal text tower with an LM head cross-attending to the image) is greedy
-decoding, prefill and a `lax.while_loop` of KV-cache steps, inside the one artifact.
+(a captioner: a causal text tower with an LM head reading the image by cross-attention or
+as its prefix) is greedy decoding, prefill and a `lax.while_loop` of KV-cache steps,
+inside the one artifact.
 
 The weights are the functions' first input, not constants inside them: the towers are
 shared (image, zeroshot and classify read the same image tower), so one `variables.npz`
@@ -153,10 +154,11 @@ def _zeroshot_logits(m, images, ids, mask):
 
 
 def has_decoder(model) -> bool:
-  """A causal text tower with an LM head that cross-attends to the image (a captioner)."""
+  """A causal text tower with an LM head that reads the image (a captioner): by
+  cross-attention or as its image prefix."""
   tower = getattr(model, "text_tower", None)
   return (model.image_tower is not None and getattr(tower, "causal", False) and
-          getattr(tower, "head", "") == "lm" and getattr(tower, "cross", False))
+          getattr(tower, "head", "") == "lm" and getattr(tower, "reads_images", False))
 
 
 def select(available: dict[str, Function], model, what: str | None, fmt: str) -> list[str]:
@@ -313,7 +315,9 @@ def export(workdir, out, *, what: str | None = None, fmt: str = "stablehlo",
   _check_out(out)
   if fmt not in FORMATS:
     raise ExportError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
-  workdir = pathlib.Path(workdir).expanduser()
+  io.storage.check(workdir, "--workdir")
+  workdir = io.storage.as_path(workdir) if io.storage.is_remote(workdir) else \
+      pathlib.Path(workdir).expanduser()
   if not (workdir / "checkpoints").is_dir():
     raise ExportError(f"--workdir {workdir}: no checkpoint in {workdir / 'checkpoints'} "
                       f"(train it first, or give a workdir that has one)")

@@ -2,24 +2,27 @@
 VQA by generation (answer exact match), from greedy decoding on held-out images.
 
 Texts are compared after `normalize` (lower case, punctuation split off as its own
-token), so "circle," and "circle ," are the same caption.
+token), so "circle," and "circle ," are the same caption. On several processes each
+decodes its share of the split, and every process scores all of it (`_generated`).
 """
 from __future__ import annotations
 
 import collections
 import itertools
+import json
 import logging
 import math
 import re
 from typing import Sequence
 
+import jax
 import numpy as np
 import sacrebleu
 
 from mmjax import parallel
 from mmjax.data.shapes import COLORS, SHAPES, SIZES
 from mmjax.evals.context import EvalContext
-from mmjax.evals.embed import to_host
+from mmjax.evals.embed import gather_rows, to_host
 from mmjax.generate.decode import decode
 
 log = logging.getLogger("mmjax")
@@ -27,6 +30,8 @@ log = logging.getLogger("mmjax")
 CIDER_N = 4            # n-grams of 1..4 words
 CIDER_SIGMA = 6.0      # CIDEr-D's Gaussian length penalty
 CIDER_SCALE = 10.0
+# The `shapes` labels that attribute accuracy reads (caption_metrics' `labels`).
+ATTRIBUTE_KEYS = ("color", "shape", "size", "num_objects")
 
 
 def normalize(text: str) -> str:
@@ -111,61 +116,84 @@ def caption_metrics(generated: Sequence[str], references: Sequence[str],
   return out
 
 
-def _generate(ctx: EvalContext, images, ids, mask, max_new_tokens: int) -> list[str]:
-  tok = ctx.tokenizer
-  got = decode(ctx.embedder.model, ctx.embedder.variables, ids, mask, images=images,
-               max_new_tokens=max_new_tokens, eos_id=tok.sep_id, pad_id=tok.pad_id,
-               method="greedy")
-  return tok.decode(to_host(got.tokens[:, 0]))
+def _generated(ctx: EvalContext, ev, prompt, fields: Sequence[str]
+               ) -> tuple[list[str], dict[str, np.ndarray]]:
+  """Greedy continuations of `prompt(batch)` (host prompt ids and mask [B, P]) for the
+  first ev.examples (0: all) examples of ev.split, and those examples' `fields` (batch
+  keys, those the batches hold), in split order and the same on every process.
 
-
-def _runs(ctx: EvalContext, ev, prompt):
-  """(generated text, host batch) per valid example of ev.split, in order, up to
-  ev.examples (0: all). `prompt(batch)` -> the prompt ids and mask [B, P] (host)."""
-  tower = ctx.embedder.model.text_tower
+  Each process decodes its own rows of each global batch. The tokens (global arrays) and
+  the host fields are gathered to every process with each row's position in the split
+  and put in that order, so the result does not depend on the number of processes.
+  """
+  tok, mesh = ctx.tokenizer, ctx.embedder.mesh
   limit = ev.get("examples", 0)
-  seen = 0
-  for batch in ctx.batches(ev):
+  tokens, token_pos, local = [], [], collections.defaultdict(list)
+  for b, batch in enumerate(ctx.batches(ev)):
     ids, mask = prompt(batch)
-    n = ev.get("max_new_tokens", 0) or tower.max_len - ids.shape[1]
-    g = parallel.device_batch({"image": batch["image"]}, ctx.embedder.mesh)
-    texts = _generate(ctx, g["image"], ids, mask, n)
-    keep = batch["valid"] > 0
-    yield [t for t, k in zip(texts, keep) if k], {k: v[keep] for k, v in batch.items()}
-    seen += int(keep.sum())
-    if limit and seen >= limit:
-      return
+    pos = ctx.positions(b, len(ids))
+    g = parallel.device_batch({"image": batch["image"], "ids": ids, "mask": mask,
+                               "position": pos}, mesh)
+    n = ev.get("max_new_tokens", 0) or ctx.embedder.model.text_tower.max_len - ids.shape[1]
+    got = decode(ctx.embedder.model, ctx.embedder.variables, g["ids"], g["mask"],
+                 images=g["image"], max_new_tokens=n, eos_id=tok.sep_id, pad_id=tok.pad_id,
+                 method="greedy")
+    tokens.append(to_host(got.tokens[:, 0]))       # [G, T], G = rows x processes
+    token_pos.append(to_host(g["position"]))
+    for k in ("valid", *fields):
+      if k in batch:          # the same keys on every process: one pipeline
+        local[k].append(np.asarray(batch[k]))
+    local["position"].append(pos)
+    if limit and (b + 1) * len(ids) * jax.process_count() >= limit:
+      break                                        # the same batch on every process
+  tokens = np.concatenate(tokens)[np.argsort(np.concatenate(token_pos))]
+  cols = gather_rows({k: np.concatenate(v) for k, v in local.items()})
+  cols = {k: v[np.argsort(cols["position"])] for k, v in cols.items()}
+  keep = cols.pop("valid") > 0        # row i is position i: the global batches tile the split
+  if limit:
+    keep &= np.arange(len(keep)) < limit
+  cols.pop("position")
+  return tok.decode(tokens[keep]), {k: v[keep] for k, v in cols.items()}
+
+
+def _write(ctx: EvalContext, rows: list[dict]) -> None:
+  """<workdir>/reports/<name>_generated.jsonl, one line per example, by process 0 only."""
+  if ctx.workdir is None or jax.process_index() != 0:
+    return
+  path = ctx.workdir / "reports" / f"{ctx.name or 'captioning'}_generated.jsonl"
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 def evaluate(ctx: EvalContext, ev) -> dict[str, float]:
-  """Greedy captions of ev.split's images from [CLS] against their `caption`."""
+  """Greedy captions of ev.split's images from [CLS] against their `caption`; each
+  caption and its reference go to <workdir>/reports/<name>_generated.jsonl."""
   cls = ctx.tokenizer.cls_id
   prompt = lambda b: (np.full((len(b["image"]), 1), cls, np.int32),
                       np.ones((len(b["image"]), 1), np.int32))
-  generated, refs, labels = [], [], collections.defaultdict(list)
-  for texts, batch in _runs(ctx, ev, prompt):
-    generated += texts
-    refs += list(batch["caption"])
-    for k in ("color", "shape", "size", "num_objects"):
-      if k in batch:
-        labels[k].append(batch[k])
-  labels = {k: np.concatenate(v) for k, v in labels.items()}
-  has_attributes = all(k in labels for k in ("color", "shape", "size", "num_objects"))
-  out = caption_metrics(generated, refs, labels if has_attributes else None)
-  for g, r in list(zip(generated, refs))[:3]:
-    log.info("%s: %r (reference %r)", ctx.name or "captioning", g, str(r))
+  generated, cols = _generated(ctx, ev, prompt, ("caption", *ATTRIBUTE_KEYS))
+  refs = [str(r) for r in cols["caption"]]
+  has_attributes = all(k in cols for k in ATTRIBUTE_KEYS)
+  out = caption_metrics(generated, refs, cols if has_attributes else None)
+  _write(ctx, [{"generated": g, "reference": r} for g, r in zip(generated, refs)])
+  if jax.process_index() == 0:
+    for g, r in list(zip(generated, refs))[:3]:
+      log.info("%s: %r (reference %r)", ctx.name or "captioning", g, r)
   return out
 
 
 def evaluate_vqa(ctx: EvalContext, ev) -> dict[str, float]:
   """Answers generated after each question (data.prefix_field, the decoder's prefix) of
-  ev.split: exact-match accuracy against data.text_field (the answer)."""
+  ev.split: exact-match accuracy against data.text_field (the answer); each question,
+  generated and true answer go to <workdir>/reports/<name>_generated.jsonl."""
   data = ctx.data_config(ev)
   if not data.get("prefix_field"):
     raise ValueError(f"evals.{ctx.name or 'vqa_gen'}: vqa_gen needs data.prefix_field "
                      "(the question)")
   prompt = lambda b: ctx.tokenizer.encode(list(b[data.prefix_field]), data.max_len)
-  right = []
-  for texts, batch in _runs(ctx, ev, prompt):
-    right += [normalize(t) == normalize(a) for t, a in zip(texts, batch[data.text_field])]
-  return {"acc": float(np.mean(right))}
+  generated, cols = _generated(ctx, ev, prompt, [data.prefix_field, data.text_field])
+  answers = [str(a) for a in cols[data.text_field]]
+  _write(ctx, [{"question": str(q), "generated": g, "answer": a}
+               for q, g, a in zip(cols[data.prefix_field], generated, answers)])
+  return {"acc": float(np.mean([normalize(g) == normalize(a)
+                                for g, a in zip(generated, answers)]))}

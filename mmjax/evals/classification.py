@@ -2,6 +2,7 @@
 macro and weighted averages, as text, JSON and a confusion-matrix PNG."""
 from __future__ import annotations
 
+import io
 import json
 import logging
 import pathlib
@@ -12,6 +13,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from mmjax.evals.context import EvalContext
+from mmjax.io import storage
 
 log = logging.getLogger("mmjax")
 
@@ -47,14 +49,16 @@ def plot_confusion(confusion: np.ndarray, names: Sequence[str], path: str | path
   ax.set_yticklabels(names, fontsize=7)
   fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
   fig.tight_layout()
-  path = pathlib.Path(path)
-  fig.savefig(path, dpi=100)
+  path = storage.as_path(path)      # a local file or a URL (a gs:// workdir's reports)
+  png = io.BytesIO()
+  fig.savefig(png, format="png", dpi=100)
+  path.write_bytes(png.getvalue())
   return path
 
 
 def write(rep: dict, directory: str | pathlib.Path, name: str, names: Sequence[str]) -> None:
   """<name>.json (report + confusion) and <name>_confusion.png in `directory`."""
-  directory = pathlib.Path(directory)
+  directory = storage.as_path(directory)
   directory.mkdir(parents=True, exist_ok=True)
   payload = {"report": rep["report"], "confusion": rep["confusion"].tolist(),
              "class_names": list(names)}

@@ -22,7 +22,8 @@ class EvalContext:
   tokenizer: Any
   embedder: Embedder
   cache: dict = dataclasses.field(default_factory=dict)
-  workdir: pathlib.Path | None = None   # where evaluators write files (None: nowhere)
+  workdir: pathlib.Path | None = None   # where evaluators write files (None: nowhere);
+  # an etils.epath.Path for a remote workdir (gs://...): the same calls write there
   name: str = ""                        # the evaluator being run (config.evals key)
   # Built data sources, one per (split, data config). The train loop passes the run's
   # own, so a user's files are read and validated once per run, not once per use.
@@ -45,6 +46,15 @@ class EvalContext:
     return mmdata.make_iterator(self.data_config(ev), split, batch_size=batch_size,
                                 train=False, tokenizer=self.tokenizer,
                                 source=self.source(ev, split))
+
+  @staticmethod
+  def positions(batch_index: int, rows: int) -> np.ndarray:
+    """Where the `rows` rows of this process's batch `batch_index` of `batches` sit in the
+    padded split. The pipeline deals examples round-robin to the processes and batches each
+    one's share, so global batch b holds positions [b * G, (b + 1) * G) (G: rows x
+    processes) on any number of processes."""
+    local = batch_index * rows + np.arange(rows)
+    return (local * jax.process_count() + jax.process_index()).astype(np.int32)
 
   def classnames(self, ev, label: str) -> list[str]:
     return list(ev.get("classnames", ())) or list(self.source(ev).label_names[label])

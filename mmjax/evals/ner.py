@@ -11,6 +11,7 @@ import jax
 import numpy as np
 
 from mmjax.evals.context import EvalContext
+from mmjax.io import storage
 
 log = logging.getLogger("mmjax")
 
@@ -50,7 +51,7 @@ def report(true: list[list[str]], pred: list[list[str]]) -> dict:
 
 def write(rep: dict, directory: str | pathlib.Path, name: str, names: Sequence[str]) -> None:
   """<name>.json in `directory`: the report and the tag vocabulary."""
-  directory = pathlib.Path(directory)
+  directory = storage.as_path(directory)     # a local folder or a URL
   directory.mkdir(parents=True, exist_ok=True)
   scores = {k: {m: v.item() if isinstance(v, np.generic) else v for m, v in row.items()}
             for k, row in rep["report"].items()}   # seqeval gives numpy scalars

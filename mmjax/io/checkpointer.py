@@ -6,7 +6,8 @@ the temporary folders of an interrupted save are removed when the next run
 opens the workdir. Restoring takes the target's shardings, so a run may resume
 on another mesh, and its stack layout: a checkpoint of scanned blocks
 (model.scan_layers) resumes an unrolled run and vice versa, optimizer state included
-(mmjax/io/layers_layout.py).
+(mmjax/io/layers_layout.py). The workdir may be a URL (gs://bucket/run, mmjax/io/storage.py):
+Orbax and TensorStore write the steps there directly.
 
 A step that cannot be read (a truncated or corrupt file) is reported in one line
 naming the step and the reason; `restore` then falls back to the newest step that
@@ -25,8 +26,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import pathlib
-import shutil
 import time
 from typing import Any, Callable
 
@@ -34,9 +33,10 @@ import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from jax.experimental import multihost_utils
 
-from mmjax.io import layers_layout
+from mmjax.io import layers_layout, storage
 from mmjax.io.trees import CheckpointMismatch, drop_params, fill_params, shapes_by_name, \
     tree_mismatch
 
@@ -66,9 +66,9 @@ def _same_leaves(saved: Any, wanted: Any) -> bool:
 
 class Checkpointer:
 
-  def __init__(self, workdir: str | pathlib.Path, keep: int, *, async_save: bool = True,
+  def __init__(self, workdir: str | epath.PathLike, keep: int, *, async_save: bool = True,
                base_loader: BaseLoader | None = None, read_only: bool = False):
-    self.workdir = pathlib.Path(workdir).absolute()
+    self.workdir = storage.as_path(workdir)     # a local folder or a URL (gs://...)
     self.directory = self.workdir / "checkpoints"
     self.read_only = read_only
     options = ocp.CheckpointManagerOptions(
@@ -124,7 +124,7 @@ class Checkpointer:
     raise UnreadableCheckpoint(f"no readable checkpoint in {self.directory}: steps {steps} "
                                f"all failed to read (see the warnings above)")
 
-  def _set_aside(self, step: int) -> pathlib.Path:
+  def _set_aside(self, step: int) -> epath.Path:
     """Move step `step` out of Orbax's sight (process 0 moves; every process waits)."""
     self.manager.wait_until_finished()
     target = self.workdir / UNREADABLE_DIR / str(step)
@@ -132,7 +132,7 @@ class Checkpointer:
       if target.exists():
         target = target.with_name(f"{step}.{int(time.time())}")
       target.parent.mkdir(parents=True, exist_ok=True)
-      shutil.move(str(self.directory / str(step)), str(target))
+      storage.move(self.directory / str(step), target)
     multihost_utils.sync_global_devices(f"mmjax_set_aside_{step}")
     self.manager.reload()
     return target
@@ -231,7 +231,12 @@ class Checkpointer:
     through `base_loader`."""
     def read(s):
       data = self.data_of(s)
-      state = self._read_state(s, None)
+      # Onto host numpy arrays, not the shardings the writer had: those may name devices
+      # this process does not address (every process of a multi-host eval reads it all).
+      on_host = jax.tree.map(lambda m: np.empty(m.shape, m.dtype)
+                             if hasattr(m, "shape") and hasattr(m, "dtype") else m,
+                             self._state_metadata(s))
+      state = self._read_state(s, on_host)
       params = state["params"]
       if data.get("base"):
         params = fill_params(params, self._base_params(s, data["base"]))

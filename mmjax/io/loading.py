@@ -18,10 +18,12 @@ import re
 
 import ml_collections
 import numpy as np
+import tokenizers
+from etils import epath
 from PIL import Image
 
-from mmjax.data.tokenizer import Tokenizer, get_tokenizer, load_tokenizer
-from mmjax.io import hf, layers_layout, workdir
+from mmjax.data.tokenizer import Tokenizer, from_hf, get_tokenizer, load_tokenizer
+from mmjax.io import hf, layers_layout, storage, workdir
 from mmjax.io.checkpointer import Checkpointer
 from mmjax.io.preprocess import ImagePreprocess
 from mmjax.io.trees import CheckpointMismatch, flat, unflat
@@ -31,7 +33,7 @@ from mmjax.models import build_model, variables
 @dataclasses.dataclass
 class Loaded:
   """What `load` returns: enough to build, run and re-save the model."""
-  path: pathlib.Path
+  path: pathlib.Path | epath.Path      # a local folder, or a URL (gs://...) as epath
   kind: str                            # "workdir" | "hf"
   config: ml_collections.ConfigDict    # run config (workdir) or {"model", "data"} (hf)
   params: dict | None                  # None with load(..., params=False)
@@ -70,6 +72,12 @@ def _vocab(tokenizer) -> tuple[int | None, dict | None]:
 
 def kind_of(path, what: str = "path") -> str:
   """"workdir" or "hf"; anything else is an error naming `what` (e.g. "init.path")."""
+  if storage.is_remote(path):
+    if workdir.is_workdir(path):
+      return "workdir"
+    raise FileNotFoundError(f"{what}={str(path)!r} is not an mmjax workdir (config.json + "
+                            f"checkpoints/); Hugging Face directories are read from local "
+                            f"paths only")
   path = pathlib.Path(path).expanduser()
   if workdir.is_workdir(path):
     return "workdir"
@@ -104,6 +112,10 @@ def tokenizer_path(path: pathlib.Path, config) -> str:
 def workdir_tokenizer(path: pathlib.Path, config) -> Tokenizer | None:
   """The tokenizer a workdir's run used; for a workdir older than saved tokenizers, the
   one trained from the run's data (cached) if its model reads text, else None."""
+  if storage.is_remote(path):
+    remote = path / "tokenizer.json"
+    if remote.is_file():
+      return from_hf(tokenizers.Tokenizer.from_str(remote.read_text()), str(remote))
   where = tokenizer_path(path, config)
   if where:
     return load_tokenizer(where)
@@ -122,7 +134,9 @@ def load(path, step: int | None = None, *, config: ml_collections.ConfigDict | N
     stack layout of its model (model.scan_layers, mmjax/io/layers_layout.py).
   params: False reads configs, tokenizer and preprocessing only.
   """
-  path = pathlib.Path(path).expanduser().absolute()
+  storage.check(path, what)
+  path = storage.as_path(path) if storage.is_remote(path) else \
+      pathlib.Path(path).expanduser().absolute()
   kind = kind_of(path, what)
   if kind == "hf":
     return _load_hf(path, config, new, ignore, params)

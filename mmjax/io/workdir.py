@@ -20,6 +20,7 @@ import pprint
 import ml_collections
 
 from mmjax.config import load_config
+from mmjax.io import storage
 from mmjax.io.checkpointer import Checkpointer
 from mmjax.io.jsonfile import read_json
 
@@ -36,12 +37,13 @@ def get_config(arg=None):
 _MODEL_DATA = ("image_size", "max_len", "mean", "std")
 
 
-def is_workdir(path: pathlib.Path) -> bool:
+def is_workdir(path) -> bool:
+  path = storage.as_path(path)
   return (path / "checkpoints").is_dir() and (path / "config.json").is_file()
 
 
-def run_config_of(workdir: pathlib.Path) -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(read_json(workdir / "config.json",
+def run_config_of(workdir) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(read_json(storage.as_path(workdir) / "config.json",
                                              "the run config of an mmjax workdir"))
 
 
@@ -86,7 +88,7 @@ def write_workdir(workdir, config: ml_collections.ConfigDict, state, hf_config: 
 
 
 def hf_config_of(workdir) -> dict | None:
-  path = pathlib.Path(workdir) / "hf_config.json"
+  path = storage.as_path(workdir) / "hf_config.json"
   return read_json(path, "the Hugging Face config.json of the converted model") \
       if path.is_file() else None
 
@@ -98,11 +100,22 @@ def write_label_names(workdir, label_names: dict) -> None:
   """The train split's class names per label field, so a reader of the workdir (the
   classification report, a server) can name a class id without the data."""
   if label_names:
-    path = pathlib.Path(workdir) / LABEL_NAMES
+    path = storage.as_path(workdir) / LABEL_NAMES
     path.write_text(json.dumps({k: list(v) for k, v in label_names.items()}, indent=1) + "\n")
+
+
+def write_tokenizer(workdir, tokenizer) -> None:
+  """<workdir>/tokenizer.json: the tokenizer the run used (readers of the workdir use it).
+  A local file is written beside and renamed into place (Tokenizer.save); an object is
+  written whole by one upload, which is atomic already."""
+  workdir = storage.as_path(workdir)
+  if storage.is_remote(workdir):
+    (workdir / "tokenizer.json").write_text(tokenizer.hf.to_str())
+  else:
+    tokenizer.save(workdir)
 
 
 def label_names_of(workdir) -> dict[str, list[str]]:
   """What `write_label_names` wrote; {} for a workdir without it."""
-  path = pathlib.Path(workdir) / LABEL_NAMES
+  path = storage.as_path(workdir) / LABEL_NAMES
   return read_json(path, "the class names of the run") if path.is_file() else {}

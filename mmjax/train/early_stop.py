@@ -20,6 +20,7 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from mmjax.io import storage
 from mmjax.io.trees import drop_params, fill_params, flat, path_name
 
 MODES = ("max", "min")
@@ -84,7 +85,7 @@ class EarlyStopping:
         best_mode=self.mode, keep_checkpoints_without_metrics=False, create=True,
         enable_async_checkpointing=False)
     self.manager = ocp.CheckpointManager(
-        pathlib.Path(workdir).absolute() / "checkpoints_best", options=options,
+        storage.as_path(workdir) / "checkpoints_best", options=options,
         item_handlers=dict(params=ocp.StandardCheckpointHandler(),
                            batch_stats=ocp.StandardCheckpointHandler()))
     self.best: float | None = None

@@ -24,7 +24,7 @@ from mmjax import io, objectives, parallel
 from mmjax.config_checks import validate
 from mmjax.evals import EvalContext, check_evals, run_evals
 from mmjax.evals.embed import Embedder
-from mmjax.io import layers_layout
+from mmjax.io import layers_layout, storage
 from mmjax.io.loading import special_ids
 from mmjax.io.trees import CheckpointMismatch, path_name, shapes_by_name, tree_mismatch
 from mmjax.models import build_model
@@ -240,10 +240,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
   Returns the final metrics (eval metrics, steps, seconds, train throughput).
   """
   t0 = time.time()
-  if "://" in str(workdir):    # pathlib would make gs://b/x a local "gs:/b/x", lost with the VM
-    raise ValueError(f"--workdir {workdir}: a URL workdir is not supported; mount the bucket "
-                     "(gcsfuse, as scripts/tpu/setup.sh does) and give its local path")
-  workdir = pathlib.Path(workdir)
+  storage.check(workdir, "--workdir")    # a URL that does not answer fails here, in seconds
+  workdir = storage.as_path(workdir)     # a local folder or a URL (gs://bucket/run)
   run = setup(config)
   c = run.config
   workdir.mkdir(parents=True, exist_ok=True)   # only once the config has passed its checks
@@ -278,7 +276,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
   if jax.process_index() == 0:
     (workdir / "config.json").write_text(c.to_json_best_effort(indent=2))
     if run.tokenizer is not None:
-      run.tokenizer.save(workdir)      # readers of the workdir use the run's own tokenizer
+      io.workdir.write_tokenizer(workdir, run.tokenizer)   # readers use the run's own one
     io.workdir.write_label_names(workdir, train_source.label_names)
 
   def evaluate_now(step, record=True):
@@ -392,7 +390,8 @@ def finetune(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
 def restore(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
             step: int | None = None) -> tuple[Run, TrainState, int]:
   """The run built from `config` and the train state of `workdir`'s checkpoint."""
-  workdir = pathlib.Path(workdir)
+  storage.check(workdir, "--workdir")
+  workdir = storage.as_path(workdir)
   if not (workdir / "checkpoints").is_dir():
     raise FileNotFoundError(f"no checkpoint in {workdir / 'checkpoints'}: train first "
                             f"(mmjax train --workdir {workdir})")
@@ -409,11 +408,12 @@ def evaluate(config: ml_collections.ConfigDict | None, workdir: str | pathlib.Pa
   readable (or given) checkpoint of `workdir`. Reads params (and BatchNorm statistics)
   only: no optimizer state, no teacher, and nothing is written but the evaluators'
   reports."""
+  storage.check(workdir, "--workdir")
   if config is None:   # (params=False: nothing touches JAX before `prepare` joins a pod)
     config = io.load(workdir, params=False, what="workdir").config
-  elif (pathlib.Path(workdir) / "config.json").is_file():
+  elif (storage.as_path(workdir) / "config.json").is_file():
     # A quantized checkpoint (mmjax quantize) is read quantized whatever config evaluates it.
-    config = keep_quantize(config, io.workdir.run_config_of(pathlib.Path(workdir)))
+    config = keep_quantize(config, io.workdir.run_config_of(workdir))
   config = prepare(config, training=False)
   loaded = io.load(workdir, step, what="workdir")
   loaded.params = layers_layout.for_config(loaded.params, config)   # model.scan_layers
@@ -433,7 +433,7 @@ def evaluate(config: ml_collections.ConfigDict | None, workdir: str | pathlib.Pa
   stats = jax.device_put(loaded.batch_stats, parallel.shardings(
       parallel.param_specs(loaded.batch_stats, [], mesh), mesh))      # replicated
   ctx = EvalContext(config, tokenizer, Embedder(model, params, mesh, stats),
-                    workdir=pathlib.Path(workdir))
+                    workdir=storage.as_path(workdir))
   result = dict(run_evals(ctx, config.get("evals", {})), step=loaded.step)
   pruned = prune_options(config.get("finetune"))
   if pruned:     # the checkpoint's own zeros, not the configured target

@@ -8,6 +8,11 @@ from a checkpoint older than its last rows. So the file may end in a torn line,
 and may hold rows past the step a resumed run restarts from: the reader skips
 torn lines, and `MetricWriter(workdir, resume_step=S)` drops the rows after S
 before the resumed run writes them again.
+
+A remote workdir (gs://...; mmjax.io.storage) cannot be appended to, and tensorboardX
+writes only local files without extra packages: the writer keeps both in a local
+mirror, starting from the workdir's metrics.jsonl, and uploads metrics.jsonl and this
+run's event file after every write (a small object each, every log_every steps).
 """
 from __future__ import annotations
 
@@ -16,11 +21,14 @@ import logging
 import math
 import os
 import pathlib
+import shutil
 import tempfile
 import time
 from typing import Iterator, Mapping
 
 import jax
+
+from mmjax.io import storage
 
 log = logging.getLogger("mmjax")
 
@@ -41,11 +49,17 @@ class MetricWriter:
 
   def __init__(self, workdir: str | pathlib.Path, resume_step: int | None = None):
     self.enabled = jax.process_index() == 0
-    self.path = pathlib.Path(workdir) / FILENAME
+    self.workdir = storage.as_path(workdir)
+    # None for a local workdir, written in place; a local folder for a remote one.
+    self._mirror = storage.local_mirror(self.workdir, "metrics") if self.enabled else None
+    local = self._mirror or pathlib.Path(self.workdir)
+    self.path = local / FILENAME
     self._tb = None
     if self.enabled:
       from tensorboardX import SummaryWriter  # heavy import, only on the writer
       self.path.parent.mkdir(parents=True, exist_ok=True)
+      if self._mirror and (self.workdir / FILENAME).is_file():
+        self.path.write_bytes((self.workdir / FILENAME).read_bytes())
       if resume_step is None:
         _end_torn_line(self.path)
       else:
@@ -54,7 +68,7 @@ class MetricWriter:
       # writer opened in the same second as the last one would overwrite its file.
       # The suffix keeps them apart and sorted in the order written, which
       # TensorBoard relies on to apply purge_step to the older files only.
-      self._tb = SummaryWriter(str(pathlib.Path(workdir) / "tensorboard"),
+      self._tb = SummaryWriter(str(local / "tensorboard"),
                                purge_step=None if resume_step is None else resume_step + 1,
                                filename_suffix=f".{time.time_ns()}")
 
@@ -68,10 +82,19 @@ class MetricWriter:
       if math.isfinite(v):
         self._tb.add_scalar(f"{kind}/{k}", v, int(step))
     self._tb.flush()
+    self._upload()
+
+  def _upload(self) -> None:
+    if self._mirror:
+      storage.upload(self._mirror, self.workdir)
 
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
+      self._upload()
+      self._tb = None
+    if self._mirror:
+      shutil.rmtree(self._mirror, ignore_errors=True)
 
 
 def read_metrics(workdir: str | pathlib.Path) -> list[dict]:
@@ -80,7 +103,7 @@ def read_metrics(workdir: str | pathlib.Path) -> list[dict]:
   Lines that are not a JSON object (a torn last write, a corrupt block) are
   skipped with one warning that names the file and their line numbers.
   """
-  path = pathlib.Path(workdir) / FILENAME
+  path = storage.as_path(workdir) / FILENAME
   if not path.exists():
     return []
   rows, bad = [], []

@@ -1,12 +1,14 @@
 """One PNG per run: training curves on the left, eval metrics over steps on the right."""
 from __future__ import annotations
 
+import io
 import logging
 import math
 import pathlib
 
 from matplotlib.figure import Figure
 
+from mmjax.io import storage
 from mmjax.train.metrics_writer import FILENAME, read_metrics
 
 log = logging.getLogger("mmjax")
@@ -21,7 +23,7 @@ def plot_run(workdir: str | pathlib.Path,
   None. Rows without a numeric step or a kind, and values that are not finite
   numbers, are left out; a step logged twice is drawn once, with its last value.
   """
-  out = pathlib.Path(workdir) / filename
+  out = storage.as_path(workdir) / filename    # a local folder or a URL (gs://...)
   rows = read_metrics(workdir)
   good = [r for r in rows if _finite(r.get("step")) and isinstance(r.get("kind"), str)]
   if len(good) < len(rows):
@@ -37,10 +39,12 @@ def plot_run(workdir: str | pathlib.Path,
             if any(0.0 <= v <= 1.0 for _, v in pts)}    # accuracies, recalls: not counts
   if not losses and not scores:
     log.warning("%s not drawn: no training loss or evaluation in %s", out,
-                pathlib.Path(workdir) / FILENAME)
+                storage.as_path(workdir) / FILENAME)
     return None
   try:
-    _draw(losses, scores).savefig(out, dpi=100)
+    png = io.BytesIO()          # drawn whole first: a failed drawing leaves no file
+    _draw(losses, scores).savefig(png, format="png", dpi=100)
+    out.write_bytes(png.getvalue())
   # OSError: the disk is full or the workdir read-only. ValueError/OverflowError:
   # matplotlib refusing finite but extreme values (axis limits, figure size). Either
   # way the run's checkpoints and metrics are saved; only the picture is missing.
