@@ -3,7 +3,12 @@ and vs Hugging Face PyTorch GPT-2 `generate`, all greedy.
 
   .venv/bin/python benchmarks/decode.py [--models gpt2,caption] [--batch 1,16]
       [--new 32,64,128] [--recompute-steps 2] [--repeats 2] [--prompt 8]
-      [--only mmjax|torch]
+      [--only mmjax|torch] [--dtype float32|bfloat16]
+
+`--dtype bfloat16` sets the models' compute dtype (config model.dtype; params stay float32)
+for mmjax's two implementations. On XLA:CPU it gains nothing: bfloat16 dots run in float32
+and the decode loop still reads the float32 kernels (BENCHMARKS.md, "decode, batch 1
+(second look)").
 
 Models (random weights): "gpt2" is GPT-2 small's shape (12 layers, 768 wide, 12 heads,
 vocabulary 50257, float32) through mmjax's GPT-2 import config; "caption" is
@@ -13,7 +18,8 @@ The prompts are `--prompt` random tokens per row (a captioner's: [CLS] alone), t
 for every implementation; EOS is a token that never comes, so every row makes exactly N
 new tokens.
 
-  mmjax_kv         `mmjax.generate.decode` (prefill + one token per step in a while_loop)
+  mmjax_kv         `mmjax.generate.decode` (prefill, then one model step per further token
+                   in a while_loop: N - 1 steps for N tokens)
   mmjax_recompute  a jitted baseline written here: each step runs the model over the whole
                    static buffer of P + N tokens (no cache) and writes the argmax after the
                    last real one. Its steps all cost the same, so it is timed over the first
@@ -58,16 +64,19 @@ GPT2_SMALL = dict(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_
 NEVER = -1   # the EOS id: no token equals it, so every row runs to N
 
 
-def gpt2_small(max_new: int):
+def gpt2_small(max_new: int, dtype: str = "float32"):
   del max_new   # its 1024 positions hold any N here
   config = to_mmjax(GPT2_SMALL)
+  with config.unlocked():
+    config.model.dtype = dtype
   model = build_model(config)
   return model, {"params": init_variables(model, config)}, None
 
 
-def captioner(max_new: int):
+def captioner(max_new: int, dtype: str = "float32"):
   config = load_config("caption_shapes")
   with config.unlocked():
+    config.model.dtype = dtype
     # Its tokenizer only sizes the vocabulary (256 words); its 16-token position table is
     # lengthened so that 128 new tokens fit.
     config.model.text.vocab_size = config.data.vocab_size
@@ -173,12 +182,15 @@ def main() -> None:
   p.add_argument("--recompute-steps", type=int, default=2)
   p.add_argument("--repeats", type=int, default=2, help="timed calls per setting; the best")
   p.add_argument("--only", choices=("mmjax", "torch"), default=None)
+  p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                 help="mmjax's compute dtype (model.dtype; params stay float32)")
   args = p.parse_args()
   batches = [int(x) for x in args.batch.split(",")]
   news = [int(x) for x in args.new.split(",")]
   torch_state = {}
   for name in args.models.split(","):
-    model, variables, image_size = {"gpt2": gpt2_small, "caption": captioner}[name](max(news))
+    model, variables, image_size = {"gpt2": gpt2_small, "caption": captioner}[name](
+        max(news), args.dtype)
     vocab = model.text_tower.vocab_size
     for b in batches:
       r = np.random.default_rng(b)
@@ -200,12 +212,13 @@ def main() -> None:
         rate, cpu_rate = {}, {}
         for impl, ((seconds, cpu_seconds), steps) in got.items():
           rate[impl], cpu_rate[impl] = b * steps / seconds, b * steps / cpu_seconds
-          print(json.dumps({"model": name, "impl": impl, "batch": b, "new_tokens": n,
+          print(json.dumps({"model": name, "impl": impl, "dtype": args.dtype, "batch": b,
+                            "new_tokens": n,
                             "steps_timed": steps, "seconds": round(seconds, 3),
                             "tokens_per_s": round(rate[impl], 2),
                             "cpu_seconds": round(cpu_seconds, 3),
                             "tokens_per_cpu_s": round(cpu_rate[impl], 2)}), flush=True)
-        summary = {"model": name, "batch": b, "new_tokens": n}
+        summary = {"model": name, "dtype": args.dtype, "batch": b, "new_tokens": n}
         for other, key in (("mmjax_recompute", "kv_over_recompute"), ("torch_hf", "kv_over_torch")):
           if "mmjax_kv" in rate and other in rate:
             summary[key] = round(rate["mmjax_kv"] / rate[other], 2)

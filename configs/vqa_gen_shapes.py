@@ -6,7 +6,11 @@ to the image tokens, and generates "answer [SEP]"; the loss is on the answer tok
 
 Compare with configs/finetune_vqa.py, the same task as classification over the answers.
 
-arg "tiny": a seconds-long variant for tests.
+args (comma-separated): "image_prefix": PaliGemma style, no cross-attention: the image
+tokens (projected to the decoder's width) come first in the decoder's input, and they and
+the question attend to each other both ways; "tiny": a seconds-long variant for tests.
+
+  mmjax train --config configs/vqa_gen_shapes.py:image_prefix --workdir runs/vqa_gen_prefix
 """
 import ml_collections
 
@@ -17,7 +21,8 @@ MAX_ANSWER_TOKENS = 4   # one word and [SEP], with room for a word split into pi
 
 
 def get_config(arg=None):
-  flags, _ = parse_arg(arg, {"tiny"}, where="configs/vqa_gen_shapes.py")
+  flags, _ = parse_arg(arg, {"tiny", "image_prefix"}, where="configs/vqa_gen_shapes.py")
+  image_prefix = "image_prefix" in flags
   c = base_config()
   c.total_steps = 1500
   c.batch_size = 64
@@ -34,7 +39,8 @@ def get_config(arg=None):
       image=tower(patch=4, **DEMO_SIZE),
       text=tower(vocab_size=0, causal=True, head="lm", pool="eos",
                  max_len=c.data.max_len + MAX_ANSWER_TOKENS, **dict(DEMO_SIZE, depth=2)),
-      decoder=dict(cross_attention=True, prefix_lm=True, tie_embed=True),
+      decoder=dict(cross_attention=not image_prefix, prefix_lm=True, tie_embed=True,
+                   image_prefix=image_prefix),
       dtype="float32", dropout=0.0, drop_path=0.0))
   c.objectives = ml_collections.ConfigDict(dict(caption=1.0))
   c.objective_options = ml_collections.ConfigDict(dict(caption=dict(label_smoothing=0.0)))

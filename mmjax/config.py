@@ -143,7 +143,7 @@ def with_defaults(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if isinstance(model, ml_collections.ConfigDict) and "decoder" not in model:
       # The text tower as a generation decoder (mmjax/models/registry.py DECODER_DEFAULTS).
       model.decoder = ml_collections.ConfigDict(dict(cross_attention=False, prefix_lm=False,
-                                                     tie_embed=True))
+                                                     tie_embed=True, image_prefix=False))
     if isinstance(model, ml_collections.ConfigDict):
       # Every tower's blocks as one nn.scan, and what backprop keeps of each block
       # (mmjax/models/layers.py Encoder, REMAT_POLICIES).

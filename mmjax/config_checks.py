@@ -152,7 +152,7 @@ GROUP_KEYS: dict[str, tuple[str, ...]] = {
     "model.quantize": ("mode", "static"),      # written by mmjax quantize
     "finetune.quantize": ("weight", "act"),
     "finetune.prune": ("sparsity", "schedule", "scope", "targets", "begin_step", "end_step"),
-    "model.decoder": ("cross_attention", "prefix_lm", "tie_embed"),
+    "model.decoder": ("cross_attention", "prefix_lm", "tie_embed", "image_prefix"),
 }
 # Evaluator type (mmjax/evals EVALUATORS) -> the fields it reads besides these.
 EVAL_COMMON = ("type", "split", "data")

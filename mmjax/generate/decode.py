@@ -1,6 +1,6 @@
 """Decoding a causal LM (a text tower with causal=True, head="lm") with a KV cache,
-optionally conditioned on images (a captioner's cross-attention) and on a bidirectional
-prompt (a prefix-LM).
+optionally conditioned on images (a captioner's cross-attention, or the image tokens as
+the decoder's first tokens, PaliGemma style) and on a bidirectional prompt (a prefix-LM).
 
 The prompt is prefilled in one call, then one token per step runs inside a
 `lax.while_loop` under one `jax.jit`: the number of steps taken is data, not shape,
@@ -63,9 +63,10 @@ def decode(model, variables, prompt_ids, prompt_mask, *, images=None, max_new_to
   variables: what model.apply takes ({"params": ...}).
   prompt_ids, prompt_mask [B, P]: right-padded prompts, at least one real token each
   (a captioner's: [CLS] alone; a prefix-LM's prompt is its bidirectional prefix).
-  images [B, H, W, C] (preprocessed): for a decoder with cross-attention; the image tower
-  runs once, and the keys/values of its tokens are projected once into the cache, which
-  samples and beams repeat per row.
+  images [B, H, W, C] (preprocessed): for a decoder that reads images; the image tower
+  runs once, and the keys/values of its tokens are projected once into the cache (the
+  cross-attention's, or the image prefix's first slots, prefilled with the prompt in one
+  call), which samples and beams repeat per row.
   method "greedy"; "sample" (needs `rng`; temperature > 0, top_k >= 0 with 0 off,
   0 < top_p <= 1; num_return independent samples per prompt); "beam" (`num_beams`,
   `length_penalty`, Hugging Face's default early stopping; the num_return best).
@@ -76,11 +77,13 @@ def decode(model, variables, prompt_ids, prompt_mask, *, images=None, max_new_to
                      "text.head='lm')")
   _check_settings(tower, np.shape(prompt_ids), method, max_new_tokens, rng, temperature, top_k,
                   top_p, num_beams, num_return)
-  if tower.cross and images is None:
-    raise ValueError("this decoder cross-attends to images: pass images [B, H, W, C]")
+  if tower.reads_images and images is None:
+    how = "cross-attends to" if tower.cross else "starts from"
+    raise ValueError(f"this decoder {how} images: pass images [B, H, W, C]")
   if images is not None:
-    if not tower.cross:
-      raise ValueError("images given, but this decoder has no cross-attention to read them")
+    if not tower.reads_images:
+      raise ValueError("images given, but this decoder has no cross-attention or image "
+                       "prefix to read them")
     if np.ndim(images) != 4 or np.shape(images)[0] != np.shape(prompt_ids)[0]:
       raise ValueError(f"images {np.shape(images)}: expected [B, H, W, C] with B = "
                        f"{np.shape(prompt_ids)[0]} prompts")
@@ -136,8 +139,9 @@ def _check_settings(tower, prompt_shape, method, max_new_tokens, rng, temperatur
 
 
 def prefill(model, variables, ids, mask, cache_len: int, image_tokens=None):
-  """Run the prompts (and, for cross-attention, image_tokens [B, M, D]) into a fresh
-  cache of `cache_len` slots; a prefix-LM's prompts are its bidirectional prefix.
+  """Run the prompts (and image_tokens [B, M, D] for a decoder that reads images) into a
+  fresh cache for `cache_len` text tokens; a prefix-LM's prompts are its bidirectional
+  prefix (after the image tokens when they are the decoder's prefix).
 
   -> (next-token logits [B, V] after each prompt's last real token, the cache)."""
   cache = model.text_tower.empty_cache(ids.shape[0], cache_len)
@@ -196,21 +200,27 @@ def _greedy_or_sample(model, variables, ids, mask, rng, s: Settings, image_token
     allowed = filter_logits(logits, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p)
     return jax.random.categorical(jax.random.fold_in(rng, t), allowed, axis=-1)
 
-  def body(state):
-    t, tokens, logits, cache, done, score = state
+  def pick(t, logits, done, score):
+    """Token t of each row (pad once done), its log-probability added to the score."""
     tok = jnp.where(done, s.pad_id, choose(t, logits)).astype(jnp.int32)
     logp = jnp.take_along_axis(jax.nn.log_softmax(logits), tok[:, None], axis=-1)[:, 0]
-    score = score + jnp.where(done, 0.0, logp)
-    done = done | (tok == s.eos_id)
+    return tok, score + jnp.where(done, 0.0, logp), done | (tok == s.eos_id)
+
+  # The model steps only to choose a next token: N - 1 steps for N tokens, none once every
+  # row is done (a forward pass after the last token would be thrown away).
+  def body(state):
+    t, tokens, tok, cache, done, score = state
     # A finished row still steps (its pad goes unused): the batch moves together.
     logits, cache = step(model, variables, tok, cache)
-    return t + 1, tokens.at[:, t].set(tok), logits, cache, done, score
+    tok, score, done = pick(t, logits, done, score)
+    return t + 1, tokens.at[:, t].set(tok), tok, cache, done, score
 
   def cond(state):
     t, *_, done, _ = state
     return (t < n) & ~done.all()
 
-  state = (jnp.int32(0), jnp.full((b, n), s.pad_id, jnp.int32), logits, cache,
-           jnp.zeros((b,), bool), jnp.zeros((b,), jnp.float32))
+  tok, score, done = pick(0, logits, jnp.zeros((b,), bool), jnp.zeros((b,), jnp.float32))
+  tokens = jnp.full((b, n), s.pad_id, jnp.int32).at[:, 0].set(tok)
+  state = (jnp.int32(1), tokens, tok, cache, done, score)
   _, tokens, *_, score = jax.lax.while_loop(cond, body, state)
   return tokens, score

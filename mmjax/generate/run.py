@@ -159,9 +159,10 @@ def _check_decoder(model, path, images: bool) -> None:
   if not (isinstance(tower, TextEncoder) and tower.causal and tower.head == "lm"):
     raise ValueError(f"{path}: its model has no text decoder (a causal text tower with an LM "
                      "head: model.text.causal=True, head='lm'), so it cannot generate")
-  if tower.cross and not images:
-    raise ValueError(f"{path}: its decoder reads images (cross-attention): give images")
-  if images and not tower.cross:
+  if tower.reads_images and not images:
+    how = "cross-attention" if tower.cross else "an image prefix"
+    raise ValueError(f"{path}: its decoder reads images ({how}): give images")
+  if images and not tower.reads_images:
     raise ValueError(f"{path}: its decoder reads no images (a text-only language model): give "
                      "texts to continue instead")
 

@@ -265,11 +265,14 @@ class Attention(nn.Module):
     names = ("query", "key", "value")
     if projected is not None:
       q, (k, v) = split(dense("query")(x)), projected
-    elif kv is x and not _PLAIN.get() and not any(self.peft.lora(n)["lora_rank"]
-                                                  for n in names) and not tensor_parallel():
+    elif kv is x and cache is None and not _PLAIN.get() and not any(
+        self.peft.lora(n)["lora_rank"] for n in names) and not tensor_parallel():
       # Self-attention: q, k, v as one GEMM over the concatenated kernels, same
       # params as three Dense layers (-7% train step time on CPU, BENCHMARKS.md).
       # Not under tensor parallelism: concatenating head-split kernels moves them.
+      # Not with a cache (decoding): a step multiplies one token by each kernel, so
+      # fusing gains nothing, and every decode call paid for a concatenated copy of the
+      # kernels (BENCHMARKS.md, "decode, batch 1 (second look)").
       kernels, biases = zip(*(DenseParams(d, name=n)(d) for n in names))
       qkv = checkpoint_name(_matmul(x.astype(self.dtype),
                                     jnp.concatenate(kernels, 1).astype(self.dtype)), DENSE_OUT)

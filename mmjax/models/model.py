@@ -12,8 +12,9 @@ forward pass computes what the configured objectives read:
   token_logits [B, L, C]  the classifier on every text-tower token ("text_tokens": NER)
   caption_logits [B, L, V], caption_targets, caption_weights [B, L]
                         a decoder (causal text tower, LM head) on the text, cross-attending
-                        to the image tokens when it has cross-attention; position t
-                        predicts token t + 1, weighted on real tokens after the prefix
+                        to the image tokens when it has cross-attention, after them when
+                        they are its prefix (image_prefix); text position t predicts
+                        token t + 1, weighted on real tokens after the prefix
   lm_logits, lm_targets, lm_weights       the same on the text alone (causal LM)
 Towers that are not configured are not run: a classifier may be image-only.
 """
@@ -142,13 +143,15 @@ class MultimodalModel(nn.Module):
     """The causal text tower on `ids` appended after the tokens held in `cache` (a
     layers.KVCache from `text_tower.empty_cache`) -> its outputs, out["cache"] advanced;
     cache None: on `ids` alone. `image_tokens` [B, M, D] (from `image_memory`) feed the
-    decoder's cross-attention (with a cache: once, at the prefill); `prefix_len` [B] is
-    its bidirectional prefix (a prefix-LM's prompt)."""
+    decoder's cross-attention, or precede the text as its image prefix (with a cache: once,
+    at the prefill); `prefix_len` [B] is its bidirectional text prefix (a prefix-LM's
+    prompt)."""
     return self.text_tower(ids, mask, cache=cache, kv=image_tokens, prefix_len=prefix_len,
                            train=train)
 
   def image_memory(self, images: jax.Array) -> jax.Array:
-    """[B, H, W, C] -> the image tokens [B, M, D] a decoder cross-attends to."""
+    """[B, H, W, C] -> the image tokens [B, M, D] a decoder reads (cross-attention or
+    image prefix)."""
     return self.encode_image(images)[1]["tokens"]
 
   def match_logits(self, image_tokens, text_tokens, text_mask, *, train: bool = False):
@@ -212,7 +215,7 @@ class MultimodalModel(nn.Module):
   def _caption(self, batch, img, train):
     ids, mask = batch["text"], batch["text_mask"]
     prefix_len = batch.get("prefix_len")
-    image_tokens = img["tokens"] if self.text_tower.cross else None
+    image_tokens = img["tokens"] if self.text_tower.reads_images else None
     dec = self.decode_text(ids, mask, image_tokens=image_tokens,
                            prefix_len=prefix_len if self.prefix_lm else None, train=train)
     targets, weights = next_token_targets(ids, mask, prefix_len)

@@ -6,6 +6,7 @@ An image tower with `type="resnet"` is a ResNet instead (`resnet_size`).
 """
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 
@@ -112,12 +113,23 @@ def peft_of(config: ml_collections.ConfigDict) -> Peft:
 
 
 # model.decoder: what makes the text tower a decoder for generation, off by default.
-DECODER_DEFAULTS = dict(cross_attention=False, prefix_lm=False, tie_embed=True)
+# image_prefix: the image tokens are the decoder's first tokens (PaliGemma), not read
+# through cross-attention.
+DECODER_DEFAULTS = dict(cross_attention=False, prefix_lm=False, tie_embed=True,
+                        image_prefix=False)
 
 
 def decoder_options(m: ml_collections.ConfigDict) -> dict:
   """`model.decoder` with its defaults (configs from before it existed have none)."""
   return {**DECODER_DEFAULTS, **dict(m.get("decoder") or {})}
+
+
+def image_token_count(image, image_size: int) -> int:
+  """How many tokens the image tower outputs for a [image_size, image_size] image (traced
+  abstractly: nothing is computed)."""
+  x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+  out = jax.eval_shape(lambda x: image.init_with_output(jax.random.key(0), x)[0], x)
+  return out["tokens"].shape[1]
 
 
 def build_model(config: ml_collections.ConfigDict, vocab_size: int | None = None,
@@ -153,6 +165,17 @@ def build_model(config: ml_collections.ConfigDict, vocab_size: int | None = None
 
   text, vocab = None, 0
   decoder = decoder_options(m)
+  image_prefix = 0
+  if decoder["image_prefix"]:
+    if image is None:
+      raise ValueError("model.decoder.image_prefix needs model.image")
+    if decoder["cross_attention"]:
+      raise ValueError("model.decoder.image_prefix puts the image tokens in the decoder's "
+                       "input, instead of cross_attention: set cross_attention=False")
+    if not (m.get("text") and m.text.get("causal", False)):
+      raise ValueError("model.decoder.image_prefix needs a causal text tower "
+                       "(model.text.causal)")
+    image_prefix = image_token_count(image, config.data.image_size)
   if m.get("text"):
     vocab = m.text.get("vocab_size", 0) or vocab_size
     if not vocab:
@@ -162,6 +185,7 @@ def build_model(config: ml_collections.ConfigDict, vocab_size: int | None = None
                        pool=m.text.get("pool", "cls"), causal=m.text.get("causal", False),
                        act=m.text.get("act", "gelu"), **_options(m.text, TEXT_OPTIONS),
                        cross=decoder["cross_attention"], tie_embed=decoder["tie_embed"],
+                       image_prefix=image_prefix,
                        **tower_size(m.text), **common)
   generative = objectives & {"caption", "lm"}
   if generative and not (text is not None and text.causal and text.head == "lm"):

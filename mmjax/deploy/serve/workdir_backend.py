@@ -11,18 +11,11 @@ import numpy as np
 from PIL import Image
 
 from mmjax import io
+from mmjax.deploy.export import has_decoder
 from mmjax.deploy.serve.backend import Arrays, Function, ModelInfo, examples
 from mmjax.generate import decode
-from mmjax.models.text import TextEncoder
 
 CAPTION_TOKENS = 32              # at most; fewer where the decoder's context is shorter
-
-
-def reads_images_and_writes(model) -> bool:
-  """A captioner: a causal text tower with an LM head that cross-attends to images."""
-  tower = model.text_tower
-  return (isinstance(tower, TextEncoder) and tower.causal and tower.head == "lm"
-          and tower.cross and model.image_tower is not None)
 
 
 class ModelBackend:
@@ -90,7 +83,7 @@ class ModelBackend:
       out["classify"] = self._jit(
           lambda m, x, ids, mask: m.classify({"image": x, "text": ids, "text_mask": mask}),
           image + text)
-    if reads_images_and_writes(self.model) and self.tokenizer is not None and image:
+    if has_decoder(self.model) and self.tokenizer is not None and image:
       out["caption"] = Function(self._caption, image)
     return out
 
