@@ -206,7 +206,9 @@ def main(argv: list[str] | None = None) -> int:
     if os.environ.get("MMJAX_TRACEBACK"):
       raise
     print(f"mmjax {args.command}: error: {_message(e)}", file=sys.stderr)
-    return 1
+    # 1: the run started and failed (a non-finite loss); 2: what it was given is wrong
+    # (config, data, checkpoint, workdir), as for every other command.
+    return 1 if isinstance(e, NonFiniteLoss) else 2
   print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v)
                     for k, v in sorted(result.items())}))
   return 0

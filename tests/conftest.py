@@ -19,19 +19,26 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       str(ROOT / ".pytest_cache" / "jax-compilation-cache"))
 
-# XLA:CPU's LLVM backend at -O0 for the interpreters the tests start (`xla_flags`): they
-# compile a few programs and run each for a few steps, and compiling at the default -O2
-# takes 2-4x as long (demo:tiny's train step with dropout: 20-38 s -> 7-10 s on 2 cores)
-# while the steps run only ~2x faster. XLA's own (HLO) passes are the same at every level,
-# so results do not change: the demo's metrics after 60 steps are equal bit for bit. The
-# test workers themselves stay at -O2 (XLA_FLAGS is read once per process) for the tests
-# that train for long in them: a ResNet's steps run ~5x slower at -O0.
+# XLA:CPU's LLVM backend at -O0, in the test workers and in the interpreters the tests
+# start (`xla_flags`): nearly every test compiles a few programs and runs each for a few
+# steps, and compiling at the default -O2 takes 2-4x as long (demo:tiny's train step with
+# dropout: 20-38 s -> 7-10 s on 2 cores) while the steps run only ~2x faster. XLA's own
+# (HLO) passes are the same at every level, so results do not change: the demo's metrics
+# after 60 steps are equal bit for bit. The few tests that run long (hundreds of steps; a
+# ResNet's run ~5x slower at -O0; a B/16, whose elementwise code -O0 leaves slow) do so in
+# an interpreter of their own at -O2: `run_python(..., optimize=True)`. XLA_FLAGS is read
+# when JAX first makes its backend, after this file is imported; flags the caller set are
+# kept.
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = " ".join(
+      [os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0"]).strip()
 
 
-def xla_flags(devices: int = 1) -> str:
-  """XLA_FLAGS for a fresh interpreter: `devices` CPU devices, the backend at -O0."""
+def xla_flags(devices: int = 1, optimize: bool = False) -> str:
+  """XLA_FLAGS for a fresh interpreter: `devices` CPU devices, the backend at -O0 (at
+  XLA's default -O2 with `optimize`, for a run of many steps)."""
   return (f"--xla_force_host_platform_device_count={devices} "
-          "--xla_backend_optimization_level=0")
+          f"--xla_backend_optimization_level={2 if optimize else 0}")
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -40,11 +47,13 @@ def _cache_dir(tmp_path_factory):
   os.environ.setdefault("MMJAX_CACHE", str(tmp_path_factory.mktemp("mmjax_cache")))
 
 
-def run_python(code: str, *, devices: int = 1, timeout: int = 600, env=None):
-  """Run `code` in a fresh interpreter (own JAX runtime, own device count; see
-  `xla_flags`)."""
+def run_python(code: str, *, devices: int = 1, timeout: int = 600, env=None,
+               optimize: bool = False):
+  """Run `code` in a fresh interpreter (own JAX runtime, own device count, -O0 or with
+  `optimize` -O2; see `xla_flags`)."""
   import subprocess
-  e = dict(os.environ, XLA_FLAGS=xla_flags(devices), PYTHONPATH=str(ROOT), **(env or {}))
+  e = dict(os.environ, XLA_FLAGS=xla_flags(devices, optimize), PYTHONPATH=str(ROOT),
+           **(env or {}))
   return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                         timeout=timeout, env=e, cwd=ROOT)
 
@@ -130,3 +139,21 @@ def serve_workdir(tmp_path_factory):
     workdirs.write_label_names(workdir, {"label": ["circle", "square", "triangle"]})
     return {}
   return shared_run(tmp_path_factory, "serve_tiny", build)[0]
+
+
+# demo:tiny for 20 steps, checkpointed at the end only: `demo_tiny_run` trains it once, for
+# the tests (test_train, test_io) that read a trained demo:tiny workdir; the resume test's
+# reference.
+DEMO_TWENTY = ["--config", "demo:tiny", "--config.log_every=5", "--config.total_steps=20",
+               "--config.checkpoint_every=0"]
+
+
+@pytest.fixture(scope="session")
+def demo_tiny_run(tmp_path_factory):
+  """(workdir, the JSON line `mmjax train` printed) of DEMO_TWENTY, with demo:tiny's
+  evals."""
+  def train(wd):
+    r = cli("train", "--workdir", str(wd), *DEMO_TWENTY)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.splitlines()[-1])
+  return shared_run(tmp_path_factory, "demo_tiny", train)

@@ -13,6 +13,8 @@ from mmjax import cli
 from mmjax.config import CONFIG_DIR, ConfigError, base_config, load_config
 from mmjax.train import epochs
 
+from conftest import run_python
+
 
 def test_epochs_set_the_step_keys():
   c = base_config()
@@ -126,7 +128,7 @@ def test_finetune_needs_config_or_data(tmp_path, capsys):
   assert cli.main(["finetune", "--workdir", str(tmp_path / "w")]) == 2
   assert "--data" in capsys.readouterr().err
   assert cli.main(["finetune", "--data", str(tmp_path / "nothing_here"),
-                   "--workdir", str(tmp_path / "w")]) == 1
+                   "--workdir", str(tmp_path / "w")]) == 2
   assert f"no such folder {tmp_path / 'nothing_here'}" in capsys.readouterr().err
   assert not (tmp_path / "w").exists()
 
@@ -239,7 +241,7 @@ def test_finetune_data_from_hf_image_checkpoints(tmp_path, capsys, kind):
 
 
 @pytest.mark.slow
-def test_recipe_on_digits_reaches_svc(tmp_path, capsys):
+def test_recipe_on_digits_reaches_svc(tmp_path):
   """The issue's bar, in a short run: the recipe from scratch (ResNet, 10 epochs instead
   of the recipe's 67) on digits written as a PNG folder is at least as accurate as an
   RBF SVC on the raw pixels of the same split (the full runs: BENCHMARKS.md)."""
@@ -251,10 +253,13 @@ def test_recipe_on_digits_reaches_svc(tmp_path, capsys):
   root = tmp_path / "digits"
   bench.write_digits(root)
   svc, _ = bench.svc_accuracy(root)
-  assert cli.main(["finetune", "--config", f"classify_files:{root},tower=resnet",
-                   "--workdir", str(tmp_path / "run"), "--no-progress",
-                   "--config.epochs=10"]) == 0
-  result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  args = ["finetune", "--config", f"classify_files:{root},tower=resnet",
+          "--workdir", str(tmp_path / "run"), "--no-progress", "--config.epochs=10"]
+  # Its own interpreter at XLA's -O2: a ResNet's steps run ~5x slower in this worker (-O0).
+  r = run_python(f"import sys\nfrom mmjax import cli\nsys.exit(cli.main({args!r}))",
+                 optimize=True, timeout=3600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  result = json.loads(r.stdout.strip().splitlines()[-1])
   assert svc > 0.97                                     # the baseline is a real one
   assert result["report_acc"] >= svc, (result["report_acc"], svc)
 

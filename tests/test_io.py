@@ -115,19 +115,16 @@ def test_kind_of_names_what_it_expected(tmp_path):
     io.kind_of(tmp_path)
 
 
-@pytest.fixture(scope="module")
-def tiny_workdir(tmp_path_factory):
-  wd = tmp_path_factory.mktemp("tiny")
-  config = mmjax.load_config("demo:tiny", ["--config.total_steps=2", "--config.evals={}",
-                                           "--config.log_every=1"])
-  mmjax.train(config, wd, progress=False)
-  return wd, config
+@pytest.fixture
+def tiny_workdir(demo_tiny_run):
+  """demo:tiny trained 20 steps (conftest's shared run) and its config; read only."""
+  return demo_tiny_run[0], mmjax.load_config("demo:tiny")
 
 
 def test_load_workdir_has_what_a_reader_needs(tiny_workdir):
   wd, config = tiny_workdir
   got = io.load(wd)
-  assert got.kind == "workdir" and got.step == 2 and got.hf_config is None
+  assert got.kind == "workdir" and got.step == 20 and got.hf_config is None
   assert (wd / "tokenizer.json").is_file()                      # every run saves its tokenizer
   model = got.model()
   ids, mask = got.tokenizer.encode(["a small red circle"], config.data.max_len)

@@ -5,7 +5,7 @@ import subprocess
 
 import pytest
 
-from conftest import ROOT, cli
+from conftest import ROOT
 
 TPU = ("create", "setup", "run", "logs", "stop", "delete")
 ENV = dict(TPU_NAME="mm", ZONE="us-central2-b", PROJECT="proj", ACCELERATOR_TYPE="v4-32",
