@@ -26,7 +26,7 @@ chromium:
 	  ($(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium chromium-driver)
 
 test: $(BIN)/mmjax chromium
-	$(BIN)/python -m pytest -q -n 2 --dist loadgroup tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup --durations=25 tests
 
 bench: $(BIN)/mmjax
 	$(BIN)/pip install -q 'torch==2.13.0' 'transformers>=5'

@@ -155,7 +155,7 @@ def test_workdir_preprocess_is_the_pipelines_eval_transform(tiny_workdir):
 
 
 def test_eval_of_a_mistyped_workdir_creates_nothing(tmp_path, capsys):
-  assert cli.main(["eval", "--workdir", str(tmp_path / "typo")]) == 1
+  assert cli.main(["eval", "--workdir", str(tmp_path / "typo")]) == 2
   assert "does not exist" in capsys.readouterr().err
   assert not (tmp_path / "typo").exists()
 
@@ -182,7 +182,7 @@ def test_train_with_a_bad_number_fails_first_and_creates_nothing(tmp_path, capsy
                                                                  message):
   wd = tmp_path / "run"
   assert cli.main(["train", "--config", "demo:tiny", "--workdir", str(wd), override,
-                   "--no-progress"]) == 1
+                   "--no-progress"]) == 2
   err = capsys.readouterr().err
   assert message in err and "Traceback" not in err
   assert not wd.exists()

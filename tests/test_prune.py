@@ -141,13 +141,13 @@ def test_pruned_finetune_saves_zeros_and_eval_reports_them(digits_tiny_workdir, 
 def test_bad_prune_config_is_one_line(digits_tiny_workdir, tmp_path):
   r = cli("finetune", "--config", "finetune_digits:tiny", "--init", str(digits_tiny_workdir),
           "--workdir", str(tmp_path / "w"), "--config.finetune.prune.sparsity=1.5")
-  assert r.returncode != 0 and "finetune.prune.sparsity=1.5" in r.stderr
+  assert r.returncode == 2 and "finetune.prune.sparsity=1.5" in r.stderr
   assert len(r.stderr.strip().splitlines()) == 1, r.stderr
   assert not (tmp_path / "w").exists()
   r = cli("finetune", "--config", "finetune_digits:tiny", "--init", str(digits_tiny_workdir),
           "--workdir", str(tmp_path / "w"), "--config.finetune.prune.sparsity=0.5",
           "--config.finetune.prune.targets=nothing_matches")
-  assert r.returncode != 0 and "matches no param" in r.stderr
+  assert r.returncode == 2 and "matches no param" in r.stderr
   assert not (tmp_path / "w").exists()
 
 

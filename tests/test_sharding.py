@@ -152,7 +152,7 @@ def test_meshes_that_do_not_fit_the_devices_are_errors():
 def test_cli_mesh_that_does_not_fit_is_one_line_and_writes_nothing(tmp_path):
   r = cli("train", "--config", "demo:tiny", "--workdir", str(tmp_path / "wd"),
           "--config.mesh.model=3")
-  assert r.returncode != 0
+  assert r.returncode == 2
   assert r.stderr.strip() == ("mmjax train: error: mesh {'data': -1, 'fsdp': 1, 'model': 3} "
                               f"does not fit the {jax.device_count()} devices present")
   assert not (tmp_path / "wd").exists()
@@ -235,7 +235,7 @@ sys.exit(cli.main(["train", "--config", "demo:tiny", "--workdir", {str(workdir)!
                    "--config.sharding.tactic=fsdp", "--config.sharding.min_size_mb=0.01"]))
 """
   r = run_python(code, devices=3)
-  assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
+  assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
   assert r.stderr.strip().splitlines()[-1] == (
       "mmjax train: error: sharding tactic 'fsdp': params/text_tower/token_embed/embedding "
       "(169, 32) (0.02 MB > sharding.min_size_mb=0.01) has no free dimension divisible by "
