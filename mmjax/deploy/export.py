@@ -316,8 +316,7 @@ def export(workdir, out, *, what: str | None = None, fmt: str = "stablehlo",
   if fmt not in FORMATS:
     raise ExportError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
   io.storage.check(workdir, "--workdir")
-  workdir = io.storage.as_path(workdir) if io.storage.is_remote(workdir) else \
-      pathlib.Path(workdir).expanduser()
+  workdir = io.storage.resolve(workdir)
   if not (workdir / "checkpoints").is_dir():
     raise ExportError(f"--workdir {workdir}: no checkpoint in {workdir / 'checkpoints'} "
                       f"(train it first, or give a workdir that has one)")

@@ -135,8 +135,7 @@ def load(path, step: int | None = None, *, config: ml_collections.ConfigDict | N
   params: False reads configs, tokenizer and preprocessing only.
   """
   storage.check(path, what)
-  path = storage.as_path(path) if storage.is_remote(path) else \
-      pathlib.Path(path).expanduser().absolute()
+  path = storage.resolve(path)
   kind = kind_of(path, what)
   if kind == "hf":
     return _load_hf(path, config, new, ignore, params)

@@ -48,6 +48,14 @@ def as_path(path) -> epath.Path:
   return epath.Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
 
 
+def resolve(path) -> pathlib.Path | epath.Path:
+  """A URL as an epath.Path; a local path as an absolute pathlib.Path, ~ expanded (what
+  the readers of a local workdir have always been given)."""
+  if is_remote(path):
+    return epath.Path(os.fspath(path))
+  return pathlib.Path(path).expanduser().absolute()
+
+
 def timeout_s() -> float:
   value = os.environ.get(TIMEOUT_ENV, "")
   try:
