@@ -36,6 +36,7 @@ from mmjax.deploy.serve import command as serve_command
 from mmjax.generate import run as generate_run
 from mmjax.io import CheckpointMismatch, UnreadableCheckpoint, UnsupportedModel
 from mmjax.train.loop import NonFiniteLoss, evaluate, finetune, train
+from mmjax.train.metrics_writer import MetricsUploadError
 from mmjax.train.state import initial_state
 
 
@@ -209,6 +210,9 @@ def main(argv: list[str] | None = None) -> int:
     # 1: the run started and failed (a non-finite loss); 2: what it was given is wrong
     # (config, data, checkpoint, workdir), as for every other command.
     return 1 if isinstance(e, NonFiniteLoss) else 2
+  except MetricsUploadError as e:     # the run is done and checkpointed; its metrics not all
+    print(f"mmjax {args.command}: error: {e}", file=sys.stderr)
+    return 1
   print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v)
                     for k, v in sorted(result.items())}))
   return 0

@@ -14,10 +14,10 @@ import grain
 import jax
 import numpy as np
 from absl import flags
-from jax.experimental import multihost_utils
 
 from mmjax.data import image_ops
 from mmjax.data.errors import DataError
+from mmjax.data.hosts import allgather_bytes
 from mmjax.data.sources import build_source
 
 
@@ -324,11 +324,8 @@ class ProcessStates:
     state = self.iterator.get_state()
     if self.count == 1:
       return {'processes': [state]}
-    data = np.frombuffer(json.dumps(state).encode(), np.uint8)
-    longest = int(np.max(multihost_utils.process_allgather(np.array([data.size]))))
-    rows = multihost_utils.process_allgather(np.pad(data, (0, longest - data.size),
-                                                    constant_values=ord(' ')))
-    return {'processes': [json.loads(row.tobytes()) for row in np.asarray(rows)]}
+    gathered = allgather_bytes([json.dumps(state).encode()])
+    return {'processes': [json.loads(one) for [one] in gathered]}
 
   def set_state(self, state: dict) -> None:
     states = state.get('processes')

@@ -9,6 +9,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from mmjax import parallel
+from mmjax.data.hosts import allgather_bytes
 from mmjax.models import variables
 
 
@@ -23,27 +24,21 @@ def gather_rows(columns: dict[str, Any]) -> dict[str, np.ndarray]:
   """Host-local columns (numbers or strings, [N, ...]) -> every process's rows, concatenated
   in process order, on every process. Every process passes the same keys and N.
 
-  Strings travel as UTF-8 bytes padded to the longest on any process, with their lengths.
+  Strings travel as UTF-8 bytes (`allgather_bytes`), every text column in one gather.
   """
   columns = {k: np.asarray(v) for k, v in columns.items()}
   if jax.process_count() == 1:
     return columns
   text = [k for k, v in columns.items() if v.dtype.kind in "UO"]    # str, or str objects
-  encoded = {k: [s.encode() for s in columns[k].tolist()] for k in text}
-  widths = []
-  if text:
-    local = np.array([max(map(len, encoded[k]), default=0) for k in text], np.int32)
-    widths = np.asarray(multihost_utils.process_allgather(local)).max(axis=0)
   arrays = {k: v for k, v in columns.items() if k not in text}
-  for k, width in zip(text, widths):
-    raw = np.zeros((len(encoded[k]), width), np.uint8)
-    for row, b in enumerate(encoded[k]):
-      raw[row, :len(b)] = np.frombuffer(b, np.uint8)
-    arrays[k] = (raw, np.array([len(b) for b in encoded[k]], np.int32))
   got = jax.tree.map(np.asarray, multihost_utils.process_allgather(arrays, tiled=True))
-  for k in text:
-    raw, lengths = got[k]
-    got[k] = np.array([r[:n].tobytes().decode() for r, n in zip(raw, lengths)], np.str_)
+  if text:
+    # Per process: its first text column's N strings, then the next column's, ...
+    per_process = allgather_bytes([s.encode() for k in text for s in columns[k].tolist()])
+    n = len(columns[text[0]])
+    for i, k in enumerate(text):
+      got[k] = np.array([b.decode() for items in per_process for b in items[i * n:(i + 1) * n]],
+                        np.str_)
   return got
 
 

@@ -12,10 +12,18 @@ before the resumed run writes them again.
 A remote workdir (gs://...; mmjax.io.storage) cannot be appended to, and tensorboardX
 writes only local files without extra packages: the writer keeps both in a local
 mirror, starting from the workdir's metrics.jsonl, and uploads metrics.jsonl and this
-run's event file after every write (a small object each, every log_every steps).
+run's event file whole after each write. The uploads run on one background thread
+(`_Uploader`), so a slow bucket never stalls the train loop: writes made while an upload
+is under way are coalesced into one more upload of the latest contents. `close` waits
+for the final upload. A failed upload is logged (file and URL) and retried with the next
+write, never raised in the train loop; if the final one fails, `close` raises
+`MetricsUploadError` naming them, as the remote copy then lacks rows. A process that
+exits without `close` (an exception out of the loop) still finishes its last upload, at
+exit. A local workdir is written in place, with no thread.
 """
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import math
@@ -23,6 +31,7 @@ import os
 import pathlib
 import shutil
 import tempfile
+import threading
 import time
 from typing import Iterator, Mapping
 
@@ -55,6 +64,8 @@ class MetricWriter:
     local = self._mirror or pathlib.Path(self.workdir)
     self.path = local / FILENAME
     self._tb = None
+    self._uploader = None
+    self._lock = threading.Lock()     # held while the mirror changes (see _Uploader)
     if self.enabled:
       from tensorboardX import SummaryWriter  # heavy import, only on the writer
       self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -71,30 +82,119 @@ class MetricWriter:
       self._tb = SummaryWriter(str(local / "tensorboard"),
                                purge_step=None if resume_step is None else resume_step + 1,
                                filename_suffix=f".{time.time_ns()}")
+      if self._mirror:
+        self._uploader = _Uploader(self._mirror, self.workdir, self._lock)
 
   def write(self, step: int, metrics: Mapping[str, float], kind: str = "train") -> None:
     if not self.enabled:
       return
     clean = {k: float(v) for k, v in metrics.items()}
-    with self.path.open("a") as f:
-      f.write(json.dumps({"step": int(step), "kind": kind, **clean}) + "\n")
-    for k, v in clean.items():
-      if math.isfinite(v):
-        self._tb.add_scalar(f"{kind}/{k}", v, int(step))
-    self._tb.flush()
-    self._upload()
-
-  def _upload(self) -> None:
-    if self._mirror:
-      storage.upload(self._mirror, self.workdir)
+    with self._lock:
+      with self.path.open("a") as f:
+        f.write(json.dumps({"step": int(step), "kind": kind, **clean}) + "\n")
+      for k, v in clean.items():
+        if math.isfinite(v):
+          self._tb.add_scalar(f"{kind}/{k}", v, int(step))
+      self._tb.flush()
+    if self._uploader:
+      self._uploader.request()
 
   def close(self) -> None:
-    if self._tb is not None:
+    """Flush TensorBoard and, for a remote workdir, wait for the final upload. Raises
+    `MetricsUploadError` if that failed; the local mirror is then kept, and named."""
+    if self._tb is None:
+      return
+    with self._lock:
       self._tb.close()
-      self._upload()
-      self._tb = None
+    self._tb = None
+    if self._uploader:
+      self._uploader.finish()
     if self._mirror:
       shutil.rmtree(self._mirror, ignore_errors=True)
+
+
+class MetricsUploadError(OSError):
+  """The final upload of a remote workdir's metrics failed: the bucket lacks rows (they
+  are in the local mirror that the message names)."""
+
+
+class _Uploader:
+  """Copies a local mirror folder to a remote workdir from one daemon thread.
+
+  `request` returns at once; requests made while an upload runs coalesce into one more
+  upload of what the mirror holds then. Each upload first copies the mirror to a staging
+  folder under `lock` (which the writer holds while it changes the mirror), so the bytes
+  sent are whole rows and whole TensorBoard records, and the writer waits at most for
+  that local copy, never for the network. `finish` uploads once more and returns when
+  that is done, raising if it failed; an exit without it (atexit) does the same, logged.
+  """
+
+  def __init__(self, mirror: pathlib.Path, remote, lock: threading.Lock):
+    self.mirror, self.remote, self.lock = mirror, remote, lock
+    self._staging = pathlib.Path(tempfile.mkdtemp(prefix="mmjax-metrics-upload-"))
+    self._wake = threading.Condition()
+    self._pending = self._closing = False
+    self._error: str | None = None      # the last upload's failure, None after a success
+    self._failures = 0                   # uploads failed in a row
+    self._thread = threading.Thread(target=self._run, name=f"mmjax-metrics-upload {remote}",
+                                    daemon=True)
+    self._thread.start()
+    atexit.register(self._at_exit)
+
+  def request(self) -> None:
+    with self._wake:
+      self._pending = True
+      self._wake.notify()
+
+  def finish(self) -> None:
+    atexit.unregister(self._at_exit)
+    with self._wake:
+      self._pending = self._closing = True
+      self._wake.notify()
+    self._thread.join()
+    shutil.rmtree(self._staging, ignore_errors=True)
+    if self._error:
+      raise MetricsUploadError(f"{self._error} ({self._failures} upload(s) failed in a row); "
+                               f"the rows are kept in {self.mirror}")
+
+  def _at_exit(self) -> None:
+    """The writer was not closed (an exception ended the run): the last rows still go."""
+    try:
+      self.finish()
+    except MetricsUploadError as e:
+      log.error("%s", e)
+    else:
+      shutil.rmtree(self.mirror, ignore_errors=True)
+
+  def _run(self) -> None:
+    while True:
+      with self._wake:
+        while not (self._pending or self._closing):
+          self._wake.wait()
+        if not self._pending:
+          return
+        self._pending = False
+      self._upload()
+
+  def _upload(self) -> None:
+    with self.lock:
+      shutil.copytree(self.mirror, self._staging, dirs_exist_ok=True)
+    for child in sorted(self._staging.iterdir()):
+      url = self.remote / child.name
+      try:
+        storage.upload(child, url)
+      except Exception as e:  # pylint: disable=broad-except  # any client error: retried
+        first = str(e).strip().splitlines()
+        self._error = (f"metrics upload of {child.name} to {url} failed: "
+                       f"{type(e).__name__}: {first[0][:300] if first else ''}")
+        if not self._failures:
+          log.warning("%s; retried with the next row", self._error)
+        self._failures += 1
+        return
+    if self._failures:
+      log.info("metrics upload to %s works again after %d failure(s)", self.remote,
+               self._failures)
+    self._error, self._failures = None, 0
 
 
 def read_metrics(workdir: str | pathlib.Path) -> list[dict]:
