@@ -31,7 +31,7 @@ from mmjax.deploy.serve import schemas
 from mmjax.deploy.serve.batching import Batcher, Overloaded, TimedOut
 from mmjax.deploy.serve.inputs import (ApiError, Body, Limits, check_texts, load_rgb, open_image,
                                        parse, validate)
-from mmjax.deploy.serve.metrics import Metrics, MetricsMiddleware
+from mmjax.deploy.serve.metrics import HttpMetrics, MetricsMiddleware, ModelMetrics
 
 log = logging.getLogger(__name__)
 PAGE = pathlib.Path(__file__).with_name("page.html")
@@ -65,10 +65,13 @@ class Settings:
 
 
 class Service:
-  """A backend's batchers, sharing one model thread, and the server's readiness."""
+  """A backend's batchers, sharing one model thread, and the model's readiness. A front end
+  of `mmjax serve --workers N` has a `channel.RemoteService` instead, with the same
+  interface: start, stop, run, status, metrics_text and functions."""
 
-  def __init__(self, backend, settings: Settings, metrics: Metrics):
-    self.backend, self.settings, self.metrics = backend, settings, metrics
+  def __init__(self, backend, settings: Settings, metrics: ModelMetrics | None = None):
+    self.backend, self.settings = backend, settings
+    self.metrics = metrics or ModelMetrics()
     self.ready, self.error = False, ""
     self.executor = None
     self.batchers: dict[str, Batcher] = {}
@@ -101,6 +104,18 @@ class Service:
     self.metrics.ready.set(1)
     log.info("ready: %s", ", ".join(self.batchers))
 
+  @property
+  def functions(self) -> dict[str, list[int]]:
+    """The functions served (after `start`) -> the batch sizes each was compiled for."""
+    return {name: list(b.sizes) for name, b in self.batchers.items()}
+
+  async def status(self) -> tuple[bool, str]:
+    """(ready: every batch size compiled, what went wrong if warm-up failed)."""
+    return self.ready, self.error
+
+  async def metrics_text(self) -> bytes:
+    return self.metrics.text()
+
   async def stop(self) -> None:
     """Answer every queued request, then let the model thread go."""
     if self._warm is not None and not self._warm.done():
@@ -132,10 +147,12 @@ _ERRORS = {code: {"model": schemas.ErrorOut} for code in (400, 404, 408, 413, 41
                                                             504)}
 
 
-def create_app(backend, settings: Settings = Settings()) -> FastAPI:
-  """The FastAPI app serving `backend` (a ModelBackend or an exported artifact's)."""
-  metrics = Metrics()
-  service = Service(backend, settings, metrics)
+def create_app(backend, settings: Settings = Settings(), service=None) -> FastAPI:
+  """The FastAPI app serving `backend` (a ModelBackend or an exported artifact's: its
+  info, and images and texts to rows). `service` runs the model: by default a `Service`
+  of the backend's functions in this process; a front end's `channel.RemoteService`."""
+  metrics = HttpMetrics()
+  service = service or Service(backend, settings)
   limits, info = settings.limits, backend.info
   decode_slots = asyncio.Semaphore(DECODE_SLOTS)
 
@@ -195,7 +212,7 @@ def create_app(backend, settings: Settings = Settings()) -> FastAPI:
 
   def needs(*names: str) -> None:
     for name in names:
-      if name not in service.batchers:
+      if name not in service.functions:
         raise ApiError(404, _MISSING[name])
 
   @app.post("/v1/embed/image", response_model=schemas.Embeddings, responses=_ERRORS,
@@ -293,15 +310,15 @@ def create_app(backend, settings: Settings = Settings()) -> FastAPI:
     """What this model serves."""
     routes = {"image": ["/v1/embed/image"], "text": ["/v1/embed/text"],
               "classify": ["/v1/classify"], "caption": ["/v1/caption"]}
-    served = [r for name in service.batchers for r in routes[name]]
-    if {"image", "text"} <= set(service.batchers):
+    functions = service.functions
+    served = [r for name in functions for r in routes[name]]
+    if {"image", "text"} <= set(functions):
       served += ["/v1/zeroshot", "/v1/similarity"]
-    first = next(iter(service.batchers.values()), None)
     return schemas.InfoOut(
         source=info.source, routes=sorted(served), embed_dim=info.embed_dim,
         classify_input=info.classify_input, class_names=list(info.class_names),
         image_size=list(info.image_size) if info.image_size else None, max_len=info.max_len,
-        has_decoder="caption" in service.batchers, buckets=list(first.sizes if first else ()),
+        has_decoder="caption" in functions, buckets=next(iter(functions.values()), []),
         batching=settings.batching)
 
   @app.get("/healthz")
@@ -310,14 +327,16 @@ def create_app(backend, settings: Settings = Settings()) -> FastAPI:
 
   @app.get("/readyz", responses={503: {"model": schemas.ErrorOut}})
   async def readyz():
-    if service.ready:
+    ready, error = await service.status()
+    if ready:
       return {"ready": True}
-    return JSONResponse({"ready": False, "error": service.error or "warming up: compiling "
+    return JSONResponse({"ready": False, "error": error or "warming up: compiling "
                          "the model for every batch size"}, 503, headers={"Retry-After": "1"})
 
   @app.get("/metrics")
   async def prometheus_metrics():
-    return Response(metrics.text(), media_type=prom.CONTENT_TYPE_LATEST)
+    return Response(metrics.text() + await service.metrics_text(),
+                    media_type=prom.CONTENT_TYPE_LATEST)
 
   @app.get("/", response_class=HTMLResponse)
   async def page():
@@ -338,12 +357,13 @@ def _softmax(x: np.ndarray) -> np.ndarray:
 
 
 def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, *,
-          graceful_s: float = 30.0, http: str = "auto") -> bool:
+          graceful_s: float = 30.0, http: str = "auto", sock=None) -> bool:
   """Run `app` under uvicorn until SIGINT/SIGTERM; then stop taking connections, finish
   the requests in flight (up to `graceful_s`), drain the batchers and return True (False:
   it never started, e.g. the port was taken). `http`: uvicorn's HTTP parser, "auto" is
   httptools when installed (the `serve` extra), else h11; the event loop is uvloop's when
-  installed."""
+  installed. `sock`: a listening socket to serve on instead of binding host:port (a front
+  end of `mmjax serve --workers N` is given its model process's)."""
   config = uvicorn.Config(app, host=host, port=port, log_level="info", http=http,
                           timeout_graceful_shutdown=graceful_s, access_log=False)
   server = uvicorn.Server(config)
@@ -353,7 +373,7 @@ def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, *,
   main = threading.current_thread() is threading.main_thread()
   before = {sig: signal.signal(sig, lambda *_: None) for sig in _STOP_SIGNALS} if main else {}
   try:
-    server.run()
+    server.run(sockets=[sock] if sock is not None else None)
   finally:
     for sig, handler in before.items():
       signal.signal(sig, handler)

@@ -40,6 +40,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--max-pixels", type=int, default=4096 * 4096, help="per image")
   p.add_argument("--max-labels", type=int, default=64,
                  help="labels, prompts or texts per request")
+  p.add_argument("--workers", type=int, default=0,
+                 help="HTTP front-end processes, each on a core of its own, sending their "
+                      "rows to this process's batchers (0: answer HTTP in this process)")
   p.add_argument("--http", default="auto", choices=("auto", "h11", "httptools"),
                  help="uvicorn's HTTP parser (auto: httptools when installed, else h11)")
   p.add_argument("--no-progress", action="store_true", help=argparse.SUPPRESS)
@@ -48,7 +51,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _problem(args) -> str:
   for flag, value, least in (("--max-batch", args.max_batch, 1), ("--queue", args.queue, 1),
                              ("--max-labels", args.max_labels, 1),
-                             ("--max-pixels", args.max_pixels, 1), ("--port", args.port, 0)):
+                             ("--max-pixels", args.max_pixels, 1), ("--port", args.port, 0),
+                             ("--workers", args.workers, 0)):
     if value < least:
       return f"{flag}={value}: must be >= {least}"
   for flag, value in (("--max-wait-ms", args.max_wait_ms), ("--timeout-s", args.timeout_s),
@@ -71,6 +75,7 @@ def main(args) -> int:
     # FastAPI and uvicorn are the optional `serve` extra: imported for this command alone,
     # so that every other command runs without them.
     from mmjax.deploy.serve import app as app_lib  # pylint: disable=g-import-not-at-top
+    from mmjax.deploy.serve import workers  # pylint: disable=g-import-not-at-top
     from mmjax.deploy.serve.inputs import Limits  # pylint: disable=g-import-not-at-top
   except ImportError as e:
     print(f"mmjax serve: error: {e.name} is not installed; pip install 'mmjax[serve]'",
@@ -91,8 +96,18 @@ def main(args) -> int:
   settings = app_lib.Settings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                               queue=args.queue, timeout_s=args.timeout_s,
                               batching=not args.no_batching, limits=limits)
-  started = app_lib.serve(app_lib.create_app(backend, settings), args.host, args.port,
-                          graceful_s=args.timeout_s, http=args.http)
+  if args.workers:
+    source = workers.Source(workdir=args.workdir, step=args.step, export=args.export)
+    try:
+      started = workers.serve_workers(backend, settings, source, workers=args.workers,
+                                      host=args.host, port=args.port,
+                                      graceful_s=args.timeout_s, http=args.http)
+    except workers.FrontEndsFailed as e:
+      print(f"mmjax serve: error: {e}", file=sys.stderr)
+      return 1
+  else:
+    started = app_lib.serve(app_lib.create_app(backend, settings), args.host, args.port,
+                            graceful_s=args.timeout_s, http=args.http)
   if not started:
     print(f"mmjax serve: error: could not listen on {args.host}:{args.port}", file=sys.stderr)
     return 1

@@ -1,16 +1,26 @@
-"""Prometheus metrics of one server, in a registry of its own (two apps in one process
-never share counts): requests by route and status, latency by route, rows per model call
-and queued requests per function."""
+"""Prometheus metrics of one server, in registries of their own (two apps in one process
+never share counts).
+
+`HttpMetrics` (requests by route and status, latency by route) live where HTTP is
+answered; `ModelMetrics` (rows per model call, queued requests per function, readiness)
+where the batchers run. In one process that is the same place. Under `mmjax serve
+--workers N` the front ends' HTTP metrics are summed across processes by
+prometheus_client's multiprocess mode (PROMETHEUS_MULTIPROC_DIR, set for them by the
+model process) and the model's come from the model process over the channel.
+"""
 from __future__ import annotations
 
+import os
 import time
 
 import prometheus_client as prom
+from prometheus_client import multiprocess
 
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"
 
 
-class Metrics:
+class HttpMetrics:
 
   def __init__(self):
     self.registry = prom.CollectorRegistry()
@@ -18,6 +28,20 @@ class Metrics:
                                  ("route", "status"), registry=self.registry)
     self.latency = prom.Histogram("mmjax_request_seconds", "time to answer a request",
                                   ("route",), registry=self.registry)
+
+  def text(self) -> bytes:
+    """This process's counts, or every front end's summed (multiprocess mode)."""
+    if os.environ.get(MULTIPROC_DIR):
+      registry = prom.CollectorRegistry()
+      multiprocess.MultiProcessCollector(registry)
+      return prom.generate_latest(registry)
+    return prom.generate_latest(self.registry)
+
+
+class ModelMetrics:
+
+  def __init__(self):
+    self.registry = prom.CollectorRegistry()
     self.batch_size = prom.Histogram("mmjax_batch_rows", "real rows per model call",
                                      ("function",), buckets=ROW_BUCKETS, registry=self.registry)
     self.queue_depth = prom.Gauge("mmjax_queue_depth", "requests waiting for a model call",
@@ -33,7 +57,7 @@ class MetricsMiddleware:
   """ASGI middleware counting every HTTP answer under its route's template (unmatched
   paths under "other", so a scan of random URLs cannot grow the label set)."""
 
-  def __init__(self, app, metrics: Metrics):
+  def __init__(self, app, metrics: HttpMetrics):
     self.app, self.metrics = app, metrics
 
   async def __call__(self, scope, receive, send):

@@ -1,5 +1,6 @@
 """`ModelBackend`: a model loaded with `mmjax.io.load` (an mmjax workdir or a Hugging Face
-directory), its functions (see backend.py) jitted once per batch size."""
+directory), its functions (see backend.py) jitted once per batch size; `WorkdirInputs`,
+the part of it a front end of `--workers` needs (preprocessing and tokenizer only)."""
 from __future__ import annotations
 
 import functools
@@ -18,37 +19,14 @@ from mmjax.generate import decode
 CAPTION_TOKENS = 32              # at most; fewer where the decoder's context is shorter
 
 
-class ModelBackend:
+class WorkdirInputs:
+  """A workdir's (or HF directory's) image preprocessing and tokenizer, and the model's
+  `info`: images and texts to rows, tokens to captions. All that a front end of `mmjax
+  serve --workers N` loads (`io.load(..., params=False)`: no weights, no device)."""
 
-  def __init__(self, loaded: io.Loaded):
-    self.loaded = loaded
-    self.model = loaded.model()
-    self.variables = jax.device_put(loaded.variables)
+  def __init__(self, loaded: io.Loaded, info: ModelInfo):
+    self.loaded, self.info = loaded, info
     self.tokenizer, self.preprocess = loaded.tokenizer, loaded.preprocess
-    cfg = loaded.config
-    classifier = cfg.model.get("classifier") or {}
-    num_classes = classifier.get("num_classes", 0)
-    classify_input = classifier.get("input", "image") if num_classes else ""
-    if classify_input == "text_tokens":     # a token tagger: one answer per token, not served
-      classify_input = ""
-    image_size = None
-    if self.preprocess is not None:
-      image_size = self.preprocess.output_size
-      if image_size is None:
-        raise ValueError(f"{loaded.path}: its image preprocessing keeps the aspect ratio "
-                         f"(no crop), so images cannot be batched")
-    scale = 0.0
-    if self.model.embed_dim:
-      scale = float(np.exp(min(float(loaded.params["logit_scale"]), np.log(100.0))))
-    self.info = ModelInfo(source=str(loaded.path), embed_dim=self.model.embed_dim,
-                          classify_input=classify_input,
-                          class_names=_class_names(loaded.label_names, num_classes),
-                          image_size=image_size, max_len=int(cfg.data.get("max_len", 64)),
-                          logit_scale=scale)
-
-  @classmethod
-  def from_path(cls, path, step: int | None = None) -> "ModelBackend":
-    return cls(io.load(path, step))
 
   def image_rows(self, image: Image.Image) -> np.ndarray:
     """One RGB image -> the model's input row [1, H, W, 3]."""
@@ -64,6 +42,38 @@ class ModelBackend:
     row = list(tokens)
     end = row.index(self.tokenizer.eos_id) if self.tokenizer.eos_id in row else len(row)
     return self.tokenizer.decode(np.asarray(row[:end], np.int32))
+
+
+class ModelBackend(WorkdirInputs):
+  """WorkdirInputs and the model's jitted functions."""
+
+  def __init__(self, loaded: io.Loaded):
+    self.model = loaded.model()
+    self.variables = jax.device_put(loaded.variables)
+    cfg = loaded.config
+    preprocess = loaded.preprocess
+    classifier = cfg.model.get("classifier") or {}
+    num_classes = classifier.get("num_classes", 0)
+    classify_input = classifier.get("input", "image") if num_classes else ""
+    if classify_input == "text_tokens":     # a token tagger: one answer per token, not served
+      classify_input = ""
+    image_size = None
+    if preprocess is not None:
+      image_size = preprocess.output_size
+      if image_size is None:
+        raise ValueError(f"{loaded.path}: its image preprocessing keeps the aspect ratio "
+                         f"(no crop), so images cannot be batched")
+    scale = 0.0
+    if self.model.embed_dim:
+      scale = float(np.exp(min(float(loaded.params["logit_scale"]), np.log(100.0))))
+    super().__init__(loaded, ModelInfo(
+        source=str(loaded.path), embed_dim=self.model.embed_dim,
+        classify_input=classify_input, class_names=_class_names(loaded.label_names, num_classes),
+        image_size=image_size, max_len=int(cfg.data.get("max_len", 64)), logit_scale=scale))
+
+  @classmethod
+  def from_path(cls, path, step: int | None = None) -> "ModelBackend":
+    return cls(io.load(path, step))
 
   @functools.cached_property
   def functions(self) -> dict[str, Function]:
