@@ -114,10 +114,12 @@ def free_port() -> int:
 
 
 def start_server(workdir, port: int, batching: bool, max_batch: int, http: str, workers: int,
-                 log) -> subprocess.Popen:
+                 log, buckets: str = "") -> subprocess.Popen:
   cmd = [sys.executable, "-m", "mmjax.cli", "serve", "--workdir", str(workdir), "--port",
          str(port), "--max-batch", str(max_batch), "--queue", "1024", "--http", http,
          "--workers", str(workers)]
+  if buckets:
+    cmd[cmd.index("--max-batch"):cmd.index("--max-batch") + 2] = ["--buckets", buckets]
   if not batching:
     cmd.append("--no-batching")
   proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
@@ -316,11 +318,12 @@ def model_rows_per_s(workdir, max_batch: int, repeats: int = 40) -> dict:
 
 
 def run(workdir, route: str, batching: bool, clients: int, seconds: float, malformed: float,
-        max_batch: int, http: str, workers: int, logdir: pathlib.Path) -> dict:
+        max_batch: int, http: str, workers: int, logdir: pathlib.Path,
+        buckets: str = "") -> dict:
   port = free_port()
   url = f"http://127.0.0.1:{port}"
   with open(logdir / f"server_{port}.log", "w") as log:
-    proc = start_server(workdir, port, batching, max_batch, http, workers, log)
+    proc = start_server(workdir, port, batching, max_batch, http, workers, log, buckets)
   try:
     references = [answer(route, httpx.post(f"{url}/v1/{route}", timeout=30, **kw).json())
                   for kw in good_requests(route)]
@@ -335,6 +338,7 @@ def run(workdir, route: str, batching: bool, clients: int, seconds: float, malfo
     proc.terminate()
     proc.wait(60)
   return {"route": route, "batching": batching, "http": http, "workers": workers,
+          "buckets": buckets or "powers of two",
           "clients": clients,
           "seconds": seconds, "malformed": malformed, "max_batch": max_batch, **got}
 
@@ -351,6 +355,8 @@ def main():
   p.add_argument("--max-batch", type=int, default=16)
   p.add_argument("--http", default="auto",
                  help="comma-separated uvicorn HTTP parsers (auto, h11, httptools)")
+  p.add_argument("--buckets", default="",
+                 help="`mmjax serve --buckets` (its largest replaces --max-batch)")
   p.add_argument("--workers", default="0",
                  help="comma-separated `mmjax serve --workers` counts (0: one process)")
   p.add_argument("--only-stress", action="store_true", help="skip the on/off pairs")
@@ -366,7 +372,8 @@ def main():
     pairs = [(h, int(w)) for h in args.http.split(",") for w in args.workers.split(",")]
     for http, workers in [] if args.only_stress else pairs:
       on, off = (run(workdir, args.route, batching, args.clients, args.seconds, 0.0,
-                     args.max_batch, http, workers, tmp) for batching in (True, False))
+                     args.max_batch, http, workers, tmp, args.buckets)
+                 for batching in (True, False))
       for got in (on, off):
         print(json.dumps({**common, **got}), flush=True)
       key = f"{http}_workers{workers}"
@@ -375,7 +382,7 @@ def main():
           off["server_cpu_ms_per_request"] / max(on["server_cpu_ms_per_request"], 1e-9), 2)
     if args.stress_seconds > 0:
       stress = run(workdir, args.route, True, args.stress_clients, args.stress_seconds,
-                   args.malformed, args.max_batch, pairs[0][0], pairs[0][1], tmp)
+                   args.malformed, args.max_batch, pairs[0][0], pairs[0][1], tmp, args.buckets)
       print(json.dumps({**common, **stress}), flush=True)
       summary.update(stress_5xx=stress["status_5xx"] + stress["transport_errors"],
                      stress_wrong_answers=stress["wrong_answers"])

@@ -312,6 +312,44 @@ def test_buckets():
   assert buckets(1) == (1,) and buckets(16) == (1, 2, 4, 8, 16) and buckets(12) == (1, 2, 4, 8, 12)
 
 
+def test_explicit_bucket_sizes_pad_to_the_nearest_and_are_checked():
+  calls = []
+
+  def fn(x):
+    calls.append(x.shape[0])
+    return x + 1
+
+  async def main():
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    b = Batcher("f", fn, (np.zeros((1, 2)),), executor=pool, max_batch=99, sizes=(1, 3, 5),
+                max_wait_s=0.2)
+    assert b.sizes == (1, 3, 5) and b.max_batch == 5           # the largest size is the most
+    b.start()
+    outs = await asyncio.gather(*(b.submit(np.full((1, 2), i, np.float32)) for i in range(4)))
+    await b.stop()
+    pool.shutdown()
+    return outs
+
+  outs = asyncio.run(main())
+  np.testing.assert_array_equal(np.concatenate(outs)[:, 0], [1, 2, 3, 4])
+  # 4 one-row requests: one call of 4 rows, padded to 5 (not to the 8 of powers of two).
+  assert calls == [5], calls
+  for bad in ((), (0, 2), (2, 2), (4, 2)):
+    with pytest.raises(ValueError, match="expected increasing integers"):
+      Batcher("f", fn, (np.zeros((1, 2)),), executor=None, sizes=bad or (3, 1))
+
+
+def test_cli_bucket_flags(tmp_path):
+  r = cli("serve", "--workdir", str(tmp_path), "--buckets", "4,2")
+  assert r.returncode == 2 and "--buckets=4,2: expected increasing integers" in r.stderr
+  r = cli("serve", "--workdir", str(tmp_path), "--buckets", "1,x")
+  assert r.returncode == 2 and "--buckets=1,x" in r.stderr
+  r = cli("serve", "--workdir", str(tmp_path), "--buckets", "1,2,6", "--max-batch", "8")
+  assert r.returncode == 2 and "largest of --buckets is 6" in r.stderr
+  r = cli("serve", "--workdir", "/nonexistent/run", "--buckets", "1,2,6", "--max-batch", "6")
+  assert r.returncode == 2 and "does not exist" in r.stderr       # the flags were fine
+
+
 def test_batcher_gathers_pads_splits_and_bounds_its_queue():
   calls = []
 

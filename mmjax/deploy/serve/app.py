@@ -57,6 +57,7 @@ _MISSING = {"image": "this model has no joint image-text embedding (no image tow
 @dataclasses.dataclass(frozen=True)
 class Settings:
   max_batch: int = 16            # rows per model call; buckets 1, 2, 4, ..., max_batch
+  buckets: tuple[int, ...] = ()  # explicit padded batch sizes instead (the largest is the max)
   max_wait_ms: float = 5.0       # how long a batch waits for more requests after its first
   queue: int = 256               # queued requests per function before 503
   timeout_s: float = 30.0        # per request, from queueing to the model's answer
@@ -82,6 +83,7 @@ class Service:
     self.executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="mmjax-model")
     for name, f in self.backend.functions.items():
       b = Batcher(name, f.fn, f.example, executor=self.executor, max_batch=s.max_batch,
+                  sizes=s.buckets,
                   max_wait_s=s.max_wait_ms / 1000, queue_size=s.queue, gather=s.batching,
                   on_batch=lambda rows, _, n=name: m.batch_size.labels(n).observe(rows),
                   on_depth=lambda depth, n=name: m.queue_depth.labels(n).set(depth))

@@ -41,6 +41,16 @@ def buckets(max_batch: int) -> tuple[int, ...]:
   return (*sizes, max_batch)
 
 
+def check_sizes(sizes) -> tuple[int, ...]:
+  """Explicit bucket sizes: increasing positive integers; the last is the most rows a call
+  takes."""
+  sizes = tuple(int(s) for s in sizes)
+  if not sizes or sizes[0] < 1 or any(a >= b for a, b in zip(sizes, sizes[1:])):
+    raise ValueError(f"batch sizes {','.join(map(str, sizes))}: expected increasing "
+                     f"integers >= 1")
+  return sizes
+
+
 def pad_to(arrays: Arrays, size: int) -> Arrays:
   """Rows [n, ...] -> [size, ...], the last row repeated (a real input, never NaN-prone)."""
   n = len(arrays[0])
@@ -66,19 +76,23 @@ class Batcher:
     (one thread: calls on the device are serialised, the event loop stays free).
   example: one row of each input (leading dim 1), for warm-up.
   gather: False answers each request with its own call (dynamic batching off).
+  sizes: the padded batch sizes (default `buckets(max_batch)`); their largest is max_batch.
+    Finer sizes waste fewer padded rows where a call's cost grows with its rows (a CPU),
+    at one compile each.
   on_batch(rows, bucket), on_depth(queued): metrics hooks.
   """
 
   def __init__(self, name: str, fn: Callable[..., np.ndarray], example: Arrays, *,
                executor: concurrent.futures.Executor, max_batch: int = 16,
                max_wait_s: float = 0.005, queue_size: int = 256, gather: bool = True,
+               sizes: Sequence[int] = (),
                on_batch: Callable[[int, int], None] = lambda rows, bucket: None,
                on_depth: Callable[[int], None] = lambda queued: None):
     self.name, self.fn, self.example = name, fn, example
-    self.executor, self.max_batch, self.max_wait_s = executor, max_batch, max_wait_s
+    self.sizes = check_sizes(sizes) if sizes else buckets(max_batch)
+    self.executor, self.max_batch, self.max_wait_s = executor, self.sizes[-1], max_wait_s
     self.queue_size, self.gather = queue_size, gather
     self.on_batch, self.on_depth = on_batch, on_depth
-    self.sizes = buckets(max_batch)
     self._queue: asyncio.Queue[_Job | None] | None = None
     self._task: asyncio.Task | None = None
     self._carry: _Job | None = None     # taken from the queue, did not fit the last batch

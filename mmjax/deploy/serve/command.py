@@ -7,6 +7,7 @@ import os
 import sys
 
 from mmjax.deploy.exported import ExportedError
+from mmjax.deploy.serve.batching import check_sizes
 from mmjax.deploy.serve.backend import ExportedBackend
 from mmjax.deploy.serve.workdir_backend import ModelBackend
 from mmjax.io import CheckpointMismatch, UnreadableCheckpoint, UnsupportedModel
@@ -25,8 +26,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--step", type=int, default=None, help="with --workdir: checkpoint step")
   p.add_argument("--host", default="127.0.0.1")
   p.add_argument("--port", type=int, default=8000)
-  p.add_argument("--max-batch", type=int, default=16,
-                 help="rows per model call; compiled for 1, 2, 4, ..., max-batch")
+  p.add_argument("--max-batch", type=int, default=None,
+                 help="rows per model call (default 16); compiled for 1, 2, 4, ..., max-batch")
+  p.add_argument("--buckets", default=None, metavar="1,2,3,4,6,8",
+                 help="the padded batch sizes to compile instead of powers of two (finer "
+                      "sizes pad fewer rows, at a compile each); the largest is --max-batch")
   p.add_argument("--max-wait-ms", type=float, default=5.0,
                  help="how long a batch waits for more requests after its first")
   p.add_argument("--queue", type=int, default=256,
@@ -48,8 +52,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--no-progress", action="store_true", help=argparse.SUPPRESS)
 
 
+def _batch_sizes(args) -> tuple[int, tuple[int, ...]]:
+  """(max_batch, explicit bucket sizes or ()) from --max-batch and --buckets; a ValueError
+  naming the flag."""
+  if args.buckets is None:
+    return (16 if args.max_batch is None else args.max_batch), ()
+  try:
+    sizes = check_sizes(int(s) for s in args.buckets.split(","))
+  except ValueError as e:
+    raise ValueError(f"--buckets={args.buckets}: expected increasing integers >= 1, "
+                     f"comma-separated") from e
+  if args.max_batch is not None and args.max_batch != sizes[-1]:
+    raise ValueError(f"--max-batch={args.max_batch} but the largest of --buckets is "
+                     f"{sizes[-1]}: give one of them, or the same most")
+  return sizes[-1], sizes
+
+
 def _problem(args) -> str:
-  for flag, value, least in (("--max-batch", args.max_batch, 1), ("--queue", args.queue, 1),
+  try:
+    max_batch, _ = _batch_sizes(args)
+  except ValueError as e:
+    return str(e)
+  for flag, value, least in (("--max-batch", max_batch, 1), ("--queue", args.queue, 1),
                              ("--max-labels", args.max_labels, 1),
                              ("--max-pixels", args.max_pixels, 1), ("--port", args.port, 0),
                              ("--workers", args.workers, 0)):
@@ -93,7 +117,9 @@ def main(args) -> int:
   limits = Limits(max_request_bytes=int(args.max_request_mb * (1 << 20)),
                   max_pixels=args.max_pixels, max_texts=args.max_labels,
                   body_timeout_s=args.timeout_s)
-  settings = app_lib.Settings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+  max_batch, buckets = _batch_sizes(args)
+  settings = app_lib.Settings(max_batch=max_batch, buckets=buckets,
+                              max_wait_ms=args.max_wait_ms,
                               queue=args.queue, timeout_s=args.timeout_s,
                               batching=not args.no_batching, limits=limits)
   if args.workers:
