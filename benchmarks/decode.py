@@ -2,8 +2,8 @@
 and vs Hugging Face PyTorch GPT-2 `generate`, all greedy.
 
   .venv/bin/python benchmarks/decode.py [--models gpt2,caption] [--batch 1,16]
-      [--new 32,64,128] [--recompute-steps 2] [--repeats 2] [--prompt 8]
-      [--only mmjax|torch] [--dtype float32|bfloat16]
+      [--new 32,64,128] [--recompute-steps 2] [--repeats 2] [--prompt 8[,128,...]]
+      [--only mmjax|torch] [--dtype float32|bfloat16] [--prefill]
 
 `--dtype bfloat16` sets the models' compute dtype (config model.dtype; params stay float32)
 for mmjax's two implementations. On XLA:CPU it gains nothing: bfloat16 dots run in float32
@@ -28,6 +28,13 @@ new tokens.
   torch_hf         `GPT2LMHeadModel.generate(do_sample=False, min_new_tokens=N)`, KV cache on,
                    torch CPU threads = 2 (gpt2 only)
 
+`--prefill` times the prompt's one call alone (gpt2; per prompt length, no new tokens):
+
+  mmjax_prefill            `mmjax.generate.decode.prefill`: the LM head on each prompt's
+                           last real token only, logits [B, V]
+  mmjax_prefill_all_logits the same call with the head on every prompt position, [B, P, V],
+                           then the last real one taken (what prefill did until 2026-12-01)
+
 mmjax's programs are compiled ahead of time (compilation excluded); the KV decoder runs
 once untimed, then the best of `--repeats` calls counts; the recompute baseline's best of
 `--repeats` calls counts (no untimed run: at batch 16 one of its steps is a forward of
@@ -40,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import json
 import pathlib
 import sys
@@ -54,7 +62,7 @@ sys.path.insert(0, str(ROOT))
 
 from mmjax.config import load_config  # noqa: E402
 # decode()'s jitted body and its static settings, to compile it ahead of time.
-from mmjax.generate.decode import Settings, decode_jit  # noqa: E402
+from mmjax.generate.decode import Settings, decode_jit, prefill  # noqa: E402
 from mmjax.io.hf import init_variables  # noqa: E402
 from mmjax.io.hf_config import to_mmjax  # noqa: E402
 from mmjax.models import build_model  # noqa: E402
@@ -151,6 +159,40 @@ def time_recompute(model, variables, ids, mask, images, n: int, steps: int,
   return best_of(repeats, lambda: _block(compiled(*args)))
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _prefill(model, all_logits: bool, variables, ids, mask):
+  """-> (next-token logits [B, V], the cache) after the prompts (see --prefill)."""
+  if not all_logits:
+    return prefill(model, variables, ids, mask, ids.shape[1])
+  cache = model.text_tower.empty_cache(ids.shape[0], ids.shape[1])
+  out = model.apply(variables, ids, mask, cache, method="decode_text")       # [B, P, V]
+  return out["logits"][jnp.arange(ids.shape[0]), mask.sum(axis=1) - 1], out["cache"]
+
+
+def time_prefill(model, variables, ids, mask, all_logits: bool,
+                 repeats: int) -> tuple[float, float]:
+  ids, mask = jnp.asarray(ids), jnp.asarray(mask)
+  compiled = _prefill.lower(model, all_logits, variables, ids, mask).compile()
+  _block(compiled(variables, ids, mask))
+  return best_of(repeats, lambda: _block(compiled(variables, ids, mask)))
+
+
+def prefill_rows(name: str, model, variables, b: int, prompt: int, repeats: int) -> None:
+  """Print the --prefill lines of one (model, batch, prompt length)."""
+  ids = np.random.default_rng(b).integers(1, model.text_tower.vocab_size, (b, prompt))
+  ids, mask = ids.astype(np.int32), np.ones((b, prompt), np.int32)
+  got = {}
+  for impl, all_logits in (("mmjax_prefill", False), ("mmjax_prefill_all_logits", True)):
+    got[impl] = time_prefill(model, variables, ids, mask, all_logits, repeats)
+    print(json.dumps({"model": name, "impl": impl, "batch": b, "prompt": prompt,
+                      "seconds": round(got[impl][0], 4),
+                      "cpu_seconds": round(got[impl][1], 4)}), flush=True)
+  (new, new_cpu), (old, old_cpu) = got["mmjax_prefill"], got["mmjax_prefill_all_logits"]
+  print(json.dumps({"model": name, "batch": b, "prompt": prompt,
+                    "all_logits_over_prefill": round(old / new, 2),
+                    "all_logits_over_prefill_cpu": round(old_cpu / new_cpu, 2)}), flush=True)
+
+
 def time_torch(ids: np.ndarray, n: int, state: dict, repeats: int) -> tuple[float, float]:
   import torch   # pylint: disable=g-import-not-at-top
   import transformers   # pylint: disable=g-import-not-at-top
@@ -178,7 +220,9 @@ def main() -> None:
   p.add_argument("--models", default="gpt2,caption")
   p.add_argument("--batch", default="1,16")
   p.add_argument("--new", default="32,64,128")
-  p.add_argument("--prompt", type=int, default=8, help="prompt tokens (gpt2)")
+  p.add_argument("--prompt", default="8", help="prompt tokens (gpt2), comma-separated")
+  p.add_argument("--prefill", action="store_true",
+                 help="time the prefill alone, LM head at the last token vs at every one")
   p.add_argument("--recompute-steps", type=int, default=2)
   p.add_argument("--repeats", type=int, default=2, help="timed calls per setting; the best")
   p.add_argument("--only", choices=("mmjax", "torch"), default=None)
@@ -187,14 +231,19 @@ def main() -> None:
   args = p.parse_args()
   batches = [int(x) for x in args.batch.split(",")]
   news = [int(x) for x in args.new.split(",")]
+  prompts = [int(x) for x in args.prompt.split(",")]
   torch_state = {}
   for name in args.models.split(","):
     model, variables, image_size = {"gpt2": gpt2_small, "caption": captioner}[name](
         max(news), args.dtype)
     vocab = model.text_tower.vocab_size
-    for b in batches:
+    if args.prefill:
+      for b in batches:
+        for prompt in prompts:
+          prefill_rows(name, model, variables, b, prompt, args.repeats)
+      continue
+    for b, p_len in itertools.product(batches, [1] if image_size else prompts):
       r = np.random.default_rng(b)
-      p_len = 1 if image_size else args.prompt
       ids = r.integers(1, vocab, (b, p_len)).astype(np.int32)
       mask = np.ones_like(ids)
       images = None
@@ -213,12 +262,13 @@ def main() -> None:
         for impl, ((seconds, cpu_seconds), steps) in got.items():
           rate[impl], cpu_rate[impl] = b * steps / seconds, b * steps / cpu_seconds
           print(json.dumps({"model": name, "impl": impl, "dtype": args.dtype, "batch": b,
-                            "new_tokens": n,
+                            "prompt": p_len, "new_tokens": n,
                             "steps_timed": steps, "seconds": round(seconds, 3),
                             "tokens_per_s": round(rate[impl], 2),
                             "cpu_seconds": round(cpu_seconds, 3),
                             "tokens_per_cpu_s": round(cpu_rate[impl], 2)}), flush=True)
-        summary = {"model": name, "dtype": args.dtype, "batch": b, "new_tokens": n}
+        summary = {"model": name, "dtype": args.dtype, "batch": b, "prompt": p_len,
+                   "new_tokens": n}
         for other, key in (("mmjax_recompute", "kv_over_recompute"), ("torch_hf", "kv_over_torch")):
           if "mmjax_kv" in rate and other in rate:
             summary[key] = round(rate["mmjax_kv"] / rate[other], 2)

@@ -173,7 +173,7 @@ def shardings(specs: Any, mesh: jax.sharding.Mesh) -> Any:
 
 def in_mesh(fn: Callable, mesh: jax.sharding.Mesh) -> Callable:
   """`fn` traced with `mesh` as the active (abstract) mesh, which the model's activation
-  constraints (models/layers.py `constrain`) and the chunked losses' shard_map read.
+  constraints (models/dense.py `constrain`) and the chunked losses' shard_map read.
   Wrap the function that `jax.jit` traces, not the jitted one."""
 
   def call(*args, **kwargs):

@@ -11,8 +11,8 @@ import pytest  # noqa: E402
 
 import mmjax  # noqa: E402
 from conftest import run_python  # noqa: E402
-from mmjax.generate import decode, filter_logits  # noqa: E402
-from mmjax.generate.decode import decode_jit  # noqa: E402
+from mmjax.generate import beam, decode, filter_logits  # noqa: E402
+from mmjax.generate.decode import Settings, decode_jit  # noqa: E402
 from mmjax.models.model import MultimodalModel  # noqa: E402
 from mmjax.models.text import TextEncoder  # noqa: E402
 
@@ -249,6 +249,34 @@ def test_bad_prompts_are_errors(lm):
     decode(model, variables, ids, mask * 0, max_new_tokens=2, eos_id=1, pad_id=0)
   with pytest.raises(ValueError, match="right-padded"):
     decode(model, variables, ids, mask[:, ::-1], max_new_tokens=2, eos_id=1, pad_id=0)
+
+
+def test_beam_search_steps_the_model_only_for_tokens_it_then_chooses():
+  """N tokens take N - 1 model steps (the first comes from the prompts' logits); none
+  for one token; and none after every prompt has stopped taking hypotheses."""
+  calls = []
+  peaked = jnp.zeros((6,)).at[1].set(10.0)      # token 1 all but certain
+
+  def step(tokens, cache):
+    jax.debug.callback(lambda: calls.append(1))
+    return jnp.broadcast_to(peaked, (tokens.shape[0], 6)), cache
+
+  def steps(n, eos):
+    calls.clear()
+    s = Settings("beam", n, eos, 0, num_beams=2)
+    logits, cache = jnp.tile(peaked, (3, 1)), jnp.zeros((3, 4))
+    tokens, _ = jax.jit(lambda l, c: beam.search(step, l, c, s))(logits, cache)
+    jax.block_until_ready(tokens)
+    jax.effects_barrier()
+    return len(calls), np.asarray(tokens)
+
+  assert steps(5, eos=99)[0] == 4      # no EOS: every prompt runs to the 5th token
+  assert steps(1, eos=99)[0] == 0
+  # EOS (token 1) first: one hypothesis ends at token 0, the other at token 1, and the
+  # running beams (log p ~ -10 a token) cannot beat them: all done after 2 tokens, 1 step.
+  count, tokens = steps(5, eos=1)
+  assert count == 1
+  assert (tokens[:, :, 2:] == 0).all() and (tokens[:, 0, 0] == 1).all()
 
 
 # --- parity with transformers ---------------------------------------------------------

@@ -112,14 +112,17 @@ def test_model_outputs(mode):
 
 
 def test_bfloat16_compute_keeps_float32_params():
+  # Jitted: op by op, every bfloat16 op compiles a program of its own (twice the CPU).
   model = build_model(tiny_config(dtype="bfloat16"), vocab_size=V)
   bt = batch()
-  params = model.init(rngs(), bt)["params"]
+  params = jax.jit(model.init)(rngs(), bt)["params"]
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
-  out = model.apply({"params": params}, bt, train=False, rngs=rngs(1))
+  out = jax.jit(lambda p, b, r: model.apply({"params": p}, b, train=False, rngs=r))(
+      params, bt, rngs(1))
   # Losses see float32; the heavy towers ran in bfloat16.
   chex.assert_type([out["image_emb"], out["itm_logits"], out["mlm_logits"]], jnp.float32)
-  _, tower = model.apply({"params": params}, bt["image"], method=model.encode_image)
+  _, tower = jax.jit(lambda p, x: model.apply({"params": p}, x, method=model.encode_image))(
+      params, bt["image"])
   chex.assert_type(tower["tokens"], jnp.bfloat16)
 
 
@@ -139,7 +142,7 @@ def test_named_sizes_and_bad_variant():
 def test_fused_self_attention_equals_separate_query_key_value():
   """Self-attention runs q/k/v as one GEMM; params, outputs and grads match the
   separate Dense path (taken when keys come from another array)."""
-  from mmjax.models.layers import Attention
+  from mmjax.models.attention import Attention
   x = jax.random.normal(jax.random.PRNGKey(1), (2, 5, 8))
   attn = Attention(heads=2)
   fused = attn.init(jax.random.PRNGKey(0), x)

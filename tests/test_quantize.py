@@ -16,7 +16,7 @@ from mmjax import parallel
 from mmjax.deploy import quantize as quantize_lib
 from mmjax.io.trees import flat
 from mmjax.models import quantized
-from mmjax.models.layers import plain_matmuls
+from mmjax.models.dense import plain_matmuls
 from mmjax.train.loop import dummy_batch, make_step, setup
 
 

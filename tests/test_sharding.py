@@ -11,7 +11,7 @@ from mmjax import chunked_losses, parallel
 from mmjax.config import ConfigError
 from mmjax.config_checks import validate
 from mmjax.io.trees import flat, unflat
-from mmjax.models import layers
+from mmjax.models import dense
 from conftest import cli, run_python
 
 AXES = parallel.AXES
@@ -159,22 +159,22 @@ def test_cli_mesh_that_does_not_fit_is_one_line_and_writes_nothing(tmp_path):
 
 
 def test_batch_axes_agree_across_layers():
-  """models/layers.py and chunked_losses.py name the batch axes without importing
+  """models/dense.py and chunked_losses.py name the batch axes without importing
   parallel (they sit below it); they must name the same ones."""
   assert parallel.BATCH_SPEC == P(parallel.BATCH_AXES)
-  assert layers.BATCH_AXES == chunked_losses.BATCH_AXES == parallel.BATCH_AXES
-  assert layers.MODEL_AXIS in parallel.AXES
+  assert dense.BATCH_AXES == chunked_losses.BATCH_AXES == parallel.BATCH_AXES
+  assert dense.MODEL_AXIS in parallel.AXES
 
 
 def test_activation_constraints_only_under_a_model_axis():
   """The model code stays device-agnostic: `constrain` is the identity unless the mesh
   being traced under splits `model`."""
   x = jnp.ones((8, 4))
-  assert not layers.tensor_parallel() and layers.constrain(x, -1) is x
+  assert not dense.tensor_parallel() and dense.constrain(x, -1) is x
   with jax.sharding.use_abstract_mesh(mesh(data=8)):
-    assert not layers.tensor_parallel() and layers.constrain(x, -1) is x
+    assert not dense.tensor_parallel() and dense.constrain(x, -1) is x
   with jax.sharding.use_abstract_mesh(mesh(data=4, model=2)):
-    assert layers.tensor_parallel()
+    assert dense.tensor_parallel()
 
 
 @pytest.mark.slow

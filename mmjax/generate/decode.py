@@ -143,13 +143,15 @@ def prefill(model, variables, ids, mask, cache_len: int, image_tokens=None):
   fresh cache for `cache_len` text tokens; a prefix-LM's prompts are its bidirectional
   prefix (after the image tokens when they are the decoder's prefix).
 
-  -> (next-token logits [B, V] after each prompt's last real token, the cache)."""
+  -> (next-token logits [B, V] after each prompt's last real token, the cache). The LM
+  head runs at those B positions only: the prompt's other logits, [B, P, V] (a 1,000-token
+  prompt and a 50k vocabulary: 200 MB a row), would go unread."""
   cache = model.text_tower.empty_cache(ids.shape[0], cache_len)
   prefix_len = mask.sum(axis=1) if getattr(model, "prefix_lm", False) else None
   out = model.apply(variables, ids, mask, cache, image_tokens=image_tokens,
-                    prefix_len=prefix_len, method="decode_text")
-  last = mask.sum(axis=1) - 1
-  return jnp.take_along_axis(out["logits"], last[:, None, None], axis=1)[:, 0], out["cache"]
+                    prefix_len=prefix_len, logits_at=mask.sum(axis=1) - 1,
+                    method="decode_text")
+  return out["logits"], out["cache"]
 
 
 def step(model, variables, tokens, cache):

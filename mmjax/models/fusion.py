@@ -16,7 +16,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmjax.models.layers import Dense, Encoder, Peft, key_mask
+from mmjax.models.attention import key_mask
+from mmjax.models.dense import Dense, Peft
+from mmjax.models.layers import Encoder
 
 
 class Fusion(nn.Module):

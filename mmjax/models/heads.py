@@ -7,7 +7,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmjax.models.layers import ACTIVATIONS, Dense
+from mmjax.models.dense import Dense
+from mmjax.models.layers import ACTIVATIONS
 
 
 class MlmHead(nn.Module):

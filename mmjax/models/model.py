@@ -26,8 +26,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mmjax.models.dense import Dense
 from mmjax.models.heads import MlmHead, l2_normalize
-from mmjax.models.layers import Dense
 
 
 def hard_negatives(sim: jax.Array, same: jax.Array, rng: jax.Array) -> jax.Array:
@@ -139,15 +139,15 @@ class MultimodalModel(nn.Module):
     return emb, out
 
   def decode_text(self, ids: jax.Array, mask: jax.Array, cache=None, *, image_tokens=None,
-                  prefix_len=None, train: bool = False):
+                  prefix_len=None, logits_at=None, train: bool = False):
     """The causal text tower on `ids` appended after the tokens held in `cache` (a
-    layers.KVCache from `text_tower.empty_cache`) -> its outputs, out["cache"] advanced;
+    attention.KVCache from `text_tower.empty_cache`) -> its outputs, out["cache"] advanced;
     cache None: on `ids` alone. `image_tokens` [B, M, D] (from `image_memory`) feed the
     decoder's cross-attention, or precede the text as its image prefix (with a cache: once,
     at the prefill); `prefix_len` [B] is its bidirectional text prefix (a prefix-LM's
-    prompt)."""
+    prompt); `logits_at` [B]: the logits [B, V] at those positions only (TextEncoder)."""
     return self.text_tower(ids, mask, cache=cache, kv=image_tokens, prefix_len=prefix_len,
-                           train=train)
+                           logits_at=logits_at, train=train)
 
   def image_memory(self, images: jax.Array) -> jax.Array:
     """[B, H, W, C] -> the image tokens [B, M, D] a decoder reads (cross-attention or

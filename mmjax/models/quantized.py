@@ -29,7 +29,7 @@ import jax
 import qwix
 from qwix._src.providers.ptq import WithAux   # qwix 0.1.8 exports no name for it
 
-from mmjax.models.layers import plain_matmuls
+from mmjax.models.dense import plain_matmuls
 
 MODES = {"int8-weight": dict(weight_qtype="int8"),
          "w8a8": dict(weight_qtype="int8", act_qtype="int8")}

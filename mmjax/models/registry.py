@@ -10,8 +10,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from mmjax.models.dense import Peft
 from mmjax.models.fusion import Fusion
-from mmjax.models.layers import Peft
 from mmjax.models.model import CLASSIFIER_INPUTS, MultimodalModel
 from mmjax.models import quantized
 from mmjax.models.resnet import ResNet

@@ -25,7 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmjax.models.layers import Dense
+from mmjax.models.dense import Dense
 
 BN_MOMENTUM = 0.9    # torch's momentum=0.1: running = 0.9 * running + 0.1 * batch
 NORM_EPS = 1e-5

@@ -8,8 +8,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mmjax.models.attention import KVCache, key_mask
+from mmjax.models.dense import Dense, Peft
 from mmjax.models.heads import MlmHead
-from mmjax.models.layers import Dense, Encoder, KVCache, Peft, key_mask
+from mmjax.models.layers import Encoder
 
 
 def pool_tokens(x: jax.Array, mask: jax.Array, how: str) -> jax.Array:
@@ -36,6 +38,8 @@ class TextEncoder(nn.Module):
   `ids` (right-padded, [B, L]) to each row after the tokens the cache holds, attends
   to those, and returns the advanced cache as out["cache"]. A prompt prefilled in one
   call and then one token per call gives the outputs of one call on the whole text.
+  `logits_at` [B] (a prefill's last real tokens): the head runs at that one position of
+  each row, "logits" [B, V] instead of [B, L, V] ("tokens" stays [B, L, D]).
 
   Decoder options: `cross=True` adds cross-attention to every block, into `kv` [B, M, D']
   (image tokens) when the call passes them; with a cache, the call that passes them
@@ -100,7 +104,8 @@ class TextEncoder(nn.Module):
   @nn.compact
   def __call__(self, ids: jax.Array, mask: jax.Array, *, type_ids: jax.Array | None = None,
                train: bool = False, cache: KVCache | None = None,
-               kv: jax.Array | None = None, prefix_len: jax.Array | None = None):
+               kv: jax.Array | None = None, prefix_len: jax.Array | None = None,
+               logits_at: jax.Array | None = None):
     b, length = ids.shape
     if length > self.max_len:
       raise ValueError(f"text has {length} tokens; this tower takes at most {self.max_len}")
@@ -168,6 +173,8 @@ class TextEncoder(nn.Module):
     out = {"tokens": x, "pooled": pooled}
     if cache is not None:
       out["cache"] = cache
+    if logits_at is not None:   # the head on [B, D]: a [B, L, V] product would go unread
+      x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)[:, 0]
     if self.head == "lm" and self.tie_embed:
       out["logits"] = embed.attend(x).astype(jnp.float32)
     elif self.head == "lm":

@@ -8,7 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmjax.models.layers import Dense, Encoder, Peft
+from mmjax.models.dense import Dense, Peft
+from mmjax.models.layers import Encoder
 
 
 def resample_posemb(posemb: jax.Array, grid: tuple[int, int]) -> jax.Array:
