@@ -34,3 +34,19 @@ bench: $(BIN)/mmjax
 
 clean:
 	rm -rf $(VENV) workdirs
+
+# Wheels for the lent GPU machine (scripts/device/bench.sh): the packages of
+# scripts/device/wheels.txt that its image lacks, for its CPython 3.12 on x86-64.
+# Downloaded again only when the list changes (one version of each, or pip refuses).
+DEVICE_PLATFORMS := manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_24_x86_64 \
+  manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux1_x86_64
+.PHONY: device-wheels
+device-wheels: .whl/.stamp
+
+.whl/.stamp: scripts/device/wheels.txt
+	rm -rf .whl
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+	  --implementation cp $(addprefix --platform ,$(DEVICE_PLATFORMS)) -d .whl \
+	  -r scripts/device/wheels.txt
+	@du -sh .whl
+	touch $@

@@ -123,7 +123,8 @@ def start_server(workdir, port: int, batching: bool, max_batch: int, http: str, 
   if not batching:
     cmd.append("--no-batching")
   proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
+                          env=dict(os.environ, PYTHONPATH=os.pathsep.join(
+                              filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))))
   url, end = f"http://127.0.0.1:{port}", time.time() + 600
   while True:
     if proc.poll() is not None:
