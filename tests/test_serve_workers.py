@@ -259,3 +259,15 @@ def test_front_ends_exit_when_the_model_process_is_killed(demo_tiny_workdir, tmp
 def test_cli_workers_must_not_be_negative(tmp_path):
   r = cli("serve", "--workdir", str(tmp_path), "--workers", "-1")
   assert r.returncode == 2 and "--workers=-1: must be >= 0" in r.stderr
+
+
+def test_front_ends_that_keep_dying_stop_the_server(tmp_path):
+  from mmjax.deploy.serve.workers import FrontEndsFailed, _FrontEnds  # pylint: disable=g-import-not-at-top
+  with socket.socket() as sock:
+    fronts = _FrontEnds([sys.executable, "-c", "import sys; sys.exit(3)"], sock, dict(os.environ))
+    fronts.start()
+    with pytest.raises(FrontEndsFailed, match=r"exited 3 times in a row .* \(the last with 3\)"):
+      for _ in range(10):
+        fronts.procs[0].wait(30)
+        fronts.replace_dead()                      # the first two failures start another
+    assert fronts.failed_starts == 3
