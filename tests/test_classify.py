@@ -187,14 +187,15 @@ def test_text_classifier_from_minilm(tmp_path, capsys):
   work = tmp_path / "minilm"
   assert cli.main(["finetune", "--config", f"classify_text:{tmp_path / '{split}.jsonl'},"
                    "tiny,max_len=16", "--init", str(minilm.get_model_path()),
-                   "--workdir", str(work), "--no-progress", "--config.epochs=2",
+                   "--workdir", str(work), "--no-progress", "--config.epochs=1",
                    "--config.init.lr=2e-4"]) == 0
   result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   config = json.loads((work / "config.json").read_text())
   assert config["model"]["text"]["width"] == 384 and config["model"]["text"]["depth"] == 6
   assert config["data"]["max_len"] == 16 and config["model"]["text"]["max_len"] == 512
   assert config["optim"]["lr"] == 2e-4
-  assert result["report_acc"] >= 0.6                     # 16 steps; chance: ~0.25
+  # 8 steps: 0.73 (2 epochs, 16 steps: 1.0; measured 2026-12-01); chance: ~0.25.
+  assert result["report_acc"] >= 0.6
 
 
 @pytest.mark.parametrize("kind", ["vit_cls", "clip", "resnet_cls"])
@@ -242,9 +243,11 @@ def test_finetune_data_from_hf_image_checkpoints(tmp_path, capsys, kind):
 
 @pytest.mark.slow
 def test_recipe_on_digits_reaches_svc(tmp_path):
-  """The issue's bar, in a short run: the recipe from scratch (ResNet, 10 epochs instead
+  """The issue's bar, in a short run: the recipe from scratch (ResNet, 7 epochs instead
   of the recipe's 67) on digits written as a PNG folder is at least as accurate as an
-  RBF SVC on the raw pixels of the same split (the full runs: BENCHMARKS.md)."""
+  RBF SVC on the raw pixels of the same split (the full runs: BENCHMARKS.md). Measured
+  2026-12-01 against the SVC's 0.9833 (354 of 360): 5 epochs 0.9639 (fails), 7 0.9944,
+  8 0.9889, 10 0.9944."""
   import importlib.util
   spec = importlib.util.spec_from_file_location(
       "classify_digits", CONFIG_DIR.parent / "benchmarks" / "classify_digits.py")
@@ -254,7 +257,7 @@ def test_recipe_on_digits_reaches_svc(tmp_path):
   bench.write_digits(root)
   svc, _ = bench.svc_accuracy(root)
   args = ["finetune", "--config", f"classify_files:{root},tower=resnet",
-          "--workdir", str(tmp_path / "run"), "--no-progress", "--config.epochs=10"]
+          "--workdir", str(tmp_path / "run"), "--no-progress", "--config.epochs=7"]
   # Its own interpreter at XLA's -O2: a ResNet's steps run ~5x slower in this worker (-O0).
   r = run_python(f"import sys\nfrom mmjax import cli\nsys.exit(cli.main({args!r}))",
                  optimize=True, timeout=3600)

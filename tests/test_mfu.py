@@ -79,7 +79,8 @@ from mmjax import cli, data as mmdata, parallel
 from mmjax.train import mfu
 from mmjax.train.loop import make_step, setup
 assert cli.main(["train", "--config", "configs/clip_b16.py:smoke", "--workdir", sys.argv[1],
-                 "--no-progress"]) == 0
+                 "--no-progress", "--config.model.image.depth=2",
+                 "--config.model.text.depth=2"]) == 0
 config = mmjax.load_config("configs/siglip_b16.py:smoke")
 run = setup(config)
 batch = next(mmdata.make_iterator(config.data, "train", batch_size=8, train=True,
@@ -94,9 +95,12 @@ print(json.dumps(dict(image=batch["image"].shape, text=batch["text"].shape, xla=
 @pytest.mark.slow
 def test_b16_configs_smoke_on_cpu(tmp_path):
   """The real B/16 models (bf16, scanned) at batch 8 on built-in shapes: clip_b16:smoke
-  trains its 2 steps; siglip_b16:smoke is built and its step compiled from shapes alone
-  (no init, no step: the sigmoid loss is what differs). In an interpreter of its own at
-  XLA's -O2: B/16's init and steps run several times slower at this worker's -O0."""
+  trains its 2 steps with 2 of its 12 blocks per tower (the blocks are one scan: the
+  step is B/16's but for the scan's length; initialising and stepping 12 blocks took
+  over half of this test's time); siglip_b16:smoke, all 12 blocks, is built and its step
+  compiled from shapes alone (no init, no step: the sigmoid loss is what differs). In an
+  interpreter of its own at XLA's -O2: B/16's init and steps run several times slower at
+  this worker's -O0."""
   r = run_python(f"import sys\nsys.argv[1:] = [{str(tmp_path / 'clip')!r}]\n{_B16_SMOKE}",
                  optimize=True, timeout=3600)
   assert r.returncode == 0, r.stderr[-3000:]
