@@ -15,6 +15,7 @@ from mmjax import cli, io
 from mmjax.data import make_iterator
 from mmjax.io.checkpointer import UNREADABLE_DIR
 from mmjax.train.state import TrainState
+from conftest import run_python
 
 
 def _state(scale=1.0, opt=optax.adam(1e-3)):
@@ -197,3 +198,47 @@ def test_convert_names_an_unreadable_safetensors_file(tmp_path, capsys):
   err = capsys.readouterr().err
   assert f"{hf / 'model.safetensors'}: not a readable safetensors file" in err
   assert "Traceback" not in err and not (tmp_path / "out").exists()
+
+
+def test_a_failed_read_prints_its_warnings_and_no_tracebacks(tmp_path):
+  """When one array of a step fails to read, Orbax abandons the step's other reads; as they
+  finish they report to a closed event loop (one RuntimeError traceback, and one asyncio
+  "exception was never retrieved" log each). Checkpointer drops exactly those: stderr has
+  the one-line warnings and nothing else, while an unrelated unraisable exception and an
+  unrelated asyncio error still get through."""
+  code = f"""
+import asyncio, gc, logging, pathlib, sys, time
+sys.path.insert(0, "tests")
+from test_io import _saved, _corrupt, _state
+from mmjax import io
+logging.basicConfig()
+path = pathlib.Path({str(tmp_path)!r})
+_saved(path)
+for s in (1, 2):
+  _corrupt(path, s)
+try:
+  io.Checkpointer(path, keep=5, read_only=True).restore(_state())
+except io.UnreadableCheckpoint as e:
+  print("one-line:", str(e).splitlines()[0])
+time.sleep(1)
+gc.collect()
+class Other:
+  def __del__(self):
+    raise RuntimeError("unrelated error in __del__")
+Other()
+gc.collect()
+loop = asyncio.new_event_loop()
+loop.create_future().set_exception(ValueError("unrelated future error"))
+gc.collect()
+"""
+  r = run_python(code)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "one-line: no readable checkpoint" in r.stdout
+  err = r.stderr.splitlines()
+  warnings = [line for line in err if "is unreadable" in line]
+  assert len(warnings) == 2, r.stderr[-3000:]
+  assert "Event loop is closed" not in r.stderr
+  assert "Future exception was never retrieved" in r.stderr    # the unrelated one only
+  assert r.stderr.count("never retrieved") == 1 and "unrelated future error" in r.stderr
+  assert "unrelated error in __del__" in r.stderr
+  assert r.stderr.count("Traceback") <= 2, r.stderr[-3000:]     # the two unrelated ones

@@ -26,6 +26,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import sys
+import threading
 import time
 from typing import Any, Callable
 
@@ -51,6 +53,62 @@ class UnreadableCheckpoint(ValueError):
   """A checkpoint step whose files cannot be read (truncated, corrupt, missing)."""
 
 
+# What an abandoned read reports. Orbax runs each restore's coroutine in a fresh asyncio
+# loop and closes the loop when the coroutine ends. When one array of a step fails to read,
+# the coroutine ends at once and the step's other reads are abandoned; as they finish,
+# TensorStore calls `call_soon_threadsafe` on the closed loop (a RuntimeError that Python
+# prints as an unraisable exception) and asyncio logs the failed ones as "Future exception
+# was never retrieved": a traceback per array on stderr, after the one-line warning that
+# already named the step. `_quiet_abandoned_reads` drops exactly those.
+_checkpoint_dirs: set[str] = set()
+_quiet_lock = threading.Lock()
+
+
+def _is_closed_loop_report(args) -> bool:
+  """sys.unraisablehook's args: TensorStore posting to a closed event loop."""
+  if args.exc_type is not RuntimeError or str(args.exc_value) != "Event loop is closed":
+    return False
+  tb = args.exc_traceback
+  while tb is not None:
+    if tb.tb_frame.f_code.co_name == "call_soon_threadsafe":
+      return True
+    tb = tb.tb_next
+  return False
+
+
+class _AbandonedReadFilter(logging.Filter):
+  """asyncio's "exception was never retrieved" about a file in a checkpoint directory."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if "exception was never retrieved" not in str(record.msg) or not record.exc_info:
+      return True
+    text = str(record.exc_info[1])
+    if any(d in text for d in _checkpoint_dirs):
+      log.debug("dropped a report of a checkpoint read abandoned after a failed one")
+      return False
+    return True
+
+
+def _quiet_abandoned_reads(directory: epath.Path) -> None:
+  """Drop the reports of reads in `directory` that a failed read abandoned, counted in the
+  debug log; every other report goes where it went before. Installed once per process."""
+  with _quiet_lock:
+    _checkpoint_dirs.add(str(directory).rstrip("/") + "/")
+    previous = sys.unraisablehook
+    if getattr(previous, "_mmjax_quiet", False):
+      return
+
+    def hook(args):
+      if _is_closed_loop_report(args):
+        log.debug("dropped a checkpoint read's report to its closed event loop")
+      else:
+        previous(args)
+
+    hook._mmjax_quiet = True
+    sys.unraisablehook = hook
+    logging.getLogger("asyncio").addFilter(_AbandonedReadFilter())
+
+
 def _reason(e: BaseException) -> str:
   """The first line of an Orbax / TensorStore error, which can run to 140 lines."""
   text = str(e).strip().splitlines()
@@ -70,6 +128,7 @@ class Checkpointer:
                base_loader: BaseLoader | None = None, read_only: bool = False):
     self.workdir = storage.as_path(workdir)     # a local folder or a URL (gs://...)
     self.directory = self.workdir / "checkpoints"
+    _quiet_abandoned_reads(self.directory)
     self.read_only = read_only
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=not read_only, enable_async_checkpointing=async_save,
