@@ -79,6 +79,22 @@ def test_a_failing_final_upload_is_raised_at_close_with_the_url(bucket, monkeypa
   assert not thread.is_alive()
 
 
+def test_after_a_failed_run_the_upload_failure_is_logged_not_raised(bucket, monkeypatch,
+                                                                   caplog):
+  """`close_after_error` (the train loop's way out of a failed run): the run's own error,
+  not the upload's, is what propagates; the upload failure is logged with the URL."""
+  run = f"{bucket}/failed_run"
+  _uploads(monkeypatch, fail=lambda n: True)
+  writer = MetricWriter(run)
+  thread = writer._uploader._thread
+  writer.write(1, {"loss": 1.0})
+  with caplog.at_level(logging.ERROR, logger="mmjax"):
+    writer.close_after_error()
+  errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+  assert len(errors) == 1 and f"{run}/metrics.jsonl" in errors[0], errors
+  assert not thread.is_alive()
+
+
 def test_a_failed_upload_is_retried_by_the_next(bucket, monkeypatch, caplog):
   run = f"{bucket}/flaky"
   _uploads(monkeypatch, seconds=0.2, fail=lambda n: n == 0)

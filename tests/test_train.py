@@ -10,7 +10,7 @@ import mmjax
 from mmjax.io import Checkpointer
 from mmjax.train import loop
 from mmjax.train.loop import setup
-from mmjax.train.metrics_writer import read_metrics
+from mmjax.train.metrics_writer import MetricWriter, read_metrics
 
 from conftest import DEMO_TWENTY as TWENTY, cli, run_python
 
@@ -132,14 +132,19 @@ def test_gradient_accumulation_equals_one_big_batch():
   assert moved > 1e-3
 
 
-def test_nan_stops_training_and_keeps_last_good_checkpoint(tiny_run, tmp_path):
+def test_nan_stops_training_and_keeps_last_good_checkpoint(tiny_run, tmp_path, monkeypatch):
   wd = tmp_path / "w"
   shutil.copytree(tiny_run[0], wd)         # a good run, checkpointed at step 20
+  closed = []            # the metrics writer is closed on the way out (a gs:// one uploads)
+  real_close = MetricWriter.close
+  monkeypatch.setattr(MetricWriter, "close",
+                      lambda self: closed.append(self.workdir) or real_close(self))
   # Resumed to 40 at an absurd lr: NaN from step 21, before the periodic save at 30.
   bad = cli("train", "--workdir", str(wd), "--config", "demo:tiny", *FAST,
             "--config.total_steps=40", "--config.checkpoint_every=10", "--config.optim.lr=1e30")
   assert bad.returncode == 1                  # the run started, then failed
   assert "NaN/inf" in bad.stderr and "last good checkpoint (step 20)" in bad.stderr
+  assert closed == [wd]
   assert Checkpointer(wd, keep=2).latest_step() == 20
   step, params = final_params(wd, [])
   assert step == 20

@@ -273,95 +273,99 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
              n_all, 100 * n_train / n_all)
   step_fn = make_step(run)
   writer = MetricWriter(workdir, resume_step=start)
-  if jax.process_index() == 0:
-    (workdir / "config.json").write_text(c.to_json_best_effort(indent=2))
-    if run.tokenizer is not None:
-      io.workdir.write_tokenizer(workdir, run.tokenizer)   # readers use the run's own one
-    io.workdir.write_label_names(workdir, train_source.label_names)
+  try:
+    if jax.process_index() == 0:
+      (workdir / "config.json").write_text(c.to_json_best_effort(indent=2))
+      if run.tokenizer is not None:
+        io.workdir.write_tokenizer(workdir, run.tokenizer)   # readers use the run's own one
+      io.workdir.write_label_names(workdir, train_source.label_names)
 
-  def evaluate_now(step, record=True):
-    ctx = EvalContext(c, run.tokenizer,
-                      Embedder(run.model, state.params, run.mesh, state.batch_stats),
-                      workdir=workdir, sources=run.sources)
-    metrics = run_evals(ctx, c.get("evals", {}))
-    if record:
-      writer.write(step, metrics, kind="eval")
-    return metrics
+    def evaluate_now(step, record=True):
+      ctx = EvalContext(c, run.tokenizer,
+                        Embedder(run.model, state.params, run.mesh, state.batch_stats),
+                        workdir=workdir, sources=run.sources)
+      metrics = run_evals(ctx, c.get("evals", {}))
+      if record:
+        writer.write(step, metrics, kind="eval")
+      return metrics
 
-  def data_state():
-    return {"iterator": iterator.get_state(), "early_stop": stopper.state_dict()}
+    def data_state():
+      return {"iterator": iterator.get_state(), "early_stop": stopper.state_dict()}
 
-  stop = c.total_steps
-  if c.get("stop_after", 0):
-    stop = min(stop, start + c.stop_after)
-  if stopper.stopped:
-    log.info("%s stopped early at step %d (best step %s); nothing left to train", workdir,
-             start, stopper.best_step)
-    stop = start
-  bar = tqdm(total=c.total_steps, initial=start, disable=not progress or jax.process_index(),
-             unit="step", dynamic_ncols=True)
-  pending, t_log = [], time.time()
-  eval_metrics: dict[str, float] = {}
-  timing = {"seconds": 0.0, "steps": 0}
-
-  def flush(step):
-    """Write the mean metrics of the steps since the last write."""
-    nonlocal pending, t_log
-    if not pending:
-      return
-    _check_finite(pending, step, ckpt)
-    mean, n, dt = _mean_metrics(pending), len(pending), time.time() - t_log
-    mean.update(steps_per_s=n / dt, images_per_s=n * c.batch_size / dt,
-                epoch=epochs.epoch_of(step, c, examples))
-    rates = cost.rates(n / dt) if cost else {}   # tflops_per_device; mfu with a known peak
-    mean.update(rates)
-    if step > start + n:     # the first window includes compilation
-      timing["seconds"] += dt
-      timing["steps"] += n
-    writer.write(step, mean)
-    bar.set_postfix(epoch=f"{mean['epoch']:.1f}", loss=f"{mean['loss']:.3f}",
-                    steps_s=f"{mean['steps_per_s']:.1f}",
-                    img_s=f"{mean['images_per_s']:.0f}",
-                    **{k.removesuffix("_per_device"): f"{v:.3g}" for k, v in rates.items()})
+    stop = c.total_steps
+    if c.get("stop_after", 0):
+      stop = min(stop, start + c.stop_after)
+    if stopper.stopped:
+      log.info("%s stopped early at step %d (best step %s); nothing left to train", workdir,
+               start, stopper.best_step)
+      stop = start
+    bar = tqdm(total=c.total_steps, initial=start, disable=not progress or jax.process_index(),
+               unit="step", dynamic_ncols=True)
     pending, t_log = [], time.time()
+    eval_metrics: dict[str, float] = {}
+    timing = {"seconds": 0.0, "steps": 0}
 
-  step, cost = start, None
-  for step in range(start + 1, stop + 1):
-    batch = parallel.device_batch(next(iterator), run.mesh)
-    if cost is None:      # compiled here once for its FLOPs; the steps run this compilation
-      step_fn, cost = mfu.compile_step(step_fn, c, state, batch)
-    state, metrics = step_fn(state, batch)
-    pending.append(metrics)
-    bar.update(1)
-    if step % c.log_every == 0 or step == stop:
-      flush(step)
-    if c.checkpoint_every and step % c.checkpoint_every == 0 and step != stop:
+    def flush(step):
+      """Write the mean metrics of the steps since the last write."""
+      nonlocal pending, t_log
+      if not pending:
+        return
       _check_finite(pending, step, ckpt)
-      ckpt.save(step, state, data_state(), c.to_json_best_effort())
-    if c.eval_every and step % c.eval_every == 0 and step != stop:
-      eval_metrics = evaluate_now(step)
-      t_log = time.time()
-      if stopper.update(step, eval_metrics, state.params, state.batch_stats):
-        log.info("early stop at step %d: %s has not improved by > %g for %d evaluations "
-                 "(best %.4f at step %d)", step, stopper.metric, stopper.min_delta,
-                 stopper.patience, stopper.best, stopper.best_step)
+      mean, n, dt = _mean_metrics(pending), len(pending), time.time() - t_log
+      mean.update(steps_per_s=n / dt, images_per_s=n * c.batch_size / dt,
+                  epoch=epochs.epoch_of(step, c, examples))
+      rates = cost.rates(n / dt) if cost else {}   # tflops_per_device; mfu with a known peak
+      mean.update(rates)
+      if step > start + n:     # the first window includes compilation
+        timing["seconds"] += dt
+        timing["steps"] += n
+      writer.write(step, mean)
+      bar.set_postfix(epoch=f"{mean['epoch']:.1f}", loss=f"{mean['loss']:.3f}",
+                      steps_s=f"{mean['steps_per_s']:.1f}",
+                      img_s=f"{mean['images_per_s']:.0f}",
+                      **{k.removesuffix("_per_device"): f"{v:.3g}" for k, v in rates.items()})
+      pending, t_log = [], time.time()
+
+    step, cost = start, None
+    for step in range(start + 1, stop + 1):
+      batch = parallel.device_batch(next(iterator), run.mesh)
+      if cost is None:      # compiled here once for its FLOPs; the steps run this compilation
+        step_fn, cost = mfu.compile_step(step_fn, c, state, batch)
+      state, metrics = step_fn(state, batch)
+      pending.append(metrics)
+      bar.update(1)
+      if step % c.log_every == 0 or step == stop:
         flush(step)
-        stop = step
-        break
-  bar.close()
-  at_end = stop == c.total_steps
-  if at_end and not stopper.stopped:
-    eval_metrics = evaluate_now(stop, record=stop > start)   # a rerun of a finished run: no row
+      if c.checkpoint_every and step % c.checkpoint_every == 0 and step != stop:
+        _check_finite(pending, step, ckpt)
+        ckpt.save(step, state, data_state(), c.to_json_best_effort())
+      if c.eval_every and step % c.eval_every == 0 and step != stop:
+        eval_metrics = evaluate_now(step)
+        t_log = time.time()
+        if stopper.update(step, eval_metrics, state.params, state.batch_stats):
+          log.info("early stop at step %d: %s has not improved by > %g for %d evaluations "
+                   "(best %.4f at step %d)", step, stopper.metric, stopper.min_delta,
+                   stopper.patience, stopper.best, stopper.best_step)
+          flush(step)
+          stop = step
+          break
+    bar.close()
+    at_end = stop == c.total_steps
+    if at_end and not stopper.stopped:
+      eval_metrics = evaluate_now(stop, record=stop > start)   # a rerun of a finished run: no row
+      if stop > start:
+        stopper.update(stop, eval_metrics, state.params, state.batch_stats)
     if stop > start:
-      stopper.update(stop, eval_metrics, state.params, state.batch_stats)
-  if stop > start:
-    best = stopper.final_params(state.params, stop, at_end, state.batch_stats)
-    if best is not None:
-      state = state.replace(params=best[0], batch_stats=best[1])
-      eval_metrics = evaluate_now(stop, record=False)    # the restored best (reports too)
-    ckpt.save(stop, state, data_state(), c.to_json_best_effort())
-  ckpt.wait()
-  ckpt.close()
+      best = stopper.final_params(state.params, stop, at_end, state.batch_stats)
+      if best is not None:
+        state = state.replace(params=best[0], batch_stats=best[1])
+        eval_metrics = evaluate_now(stop, record=False)    # the restored best (reports too)
+      ckpt.save(stop, state, data_state(), c.to_json_best_effort())
+    ckpt.wait()
+    ckpt.close()
+  except BaseException:    # a NaN stop, a failed eval, Ctrl-C: the rows so far still go
+    writer.close_after_error()
+    raise
   writer.close()
   result = dict(eval_metrics, steps=stop, seconds=round(time.time() - t0, 1), **stopper.result())
   stopper.close()

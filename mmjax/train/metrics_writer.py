@@ -113,6 +113,15 @@ class MetricWriter:
       shutil.rmtree(self._mirror, ignore_errors=True)
 
 
+  def close_after_error(self) -> None:
+    """`close` on the way out of a run that failed: the rows so far are flushed and
+    uploaded; an upload failure is logged, not raised over the run's own error."""
+    try:
+      self.close()
+    except MetricsUploadError as e:
+      log.error("%s", e)
+
+
 class MetricsUploadError(OSError):
   """The final upload of a remote workdir's metrics failed: the bucket lacks rows (they
   are in the local mirror that the message names)."""
