@@ -50,6 +50,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from mmjax import objectives  # noqa: E402
 from mmjax.models import build_model  # noqa: E402
+from mmjax.models import layers  # noqa: E402
 
 VOCAB, TEXT_LEN, IMAGE_SIZE = 49408, 77, 224
 
@@ -188,7 +189,12 @@ def main(argv=None) -> None:
   parser.add_argument("--step", action="store_true", help="also run one step at the first batch")
   parser.add_argument("--breakdown", action="store_true",
                       help="also compile the parts of the step (PARTS), unrolled and scanned")
+  parser.add_argument("--autodiff-activations", action="store_true",
+                      help="the MLP activations as plain formulas that autodiff "
+                           "differentiates (what layers.keeps_input replaced)")
   args = parser.parse_args(argv)
+  if args.autodiff_activations:
+    layers.ACTIVATIONS.update(layers.FORMULAS)
   models, remats = args.models.split(","), args.remats.split(",")
   batches = [int(b) for b in args.batches.split(",")]
   for name in models:

@@ -1,20 +1,13 @@
 """The activations' custom VJPs (layers.keeps_input): the forward is the plain formula bit
 for bit, the gradient is autodiff's, and the backward pass keeps only the input."""
-import functools
 import math
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmjax.models.layers import ACTIVATIONS, Encoder
-
-# What ACTIVATIONS computed before their custom VJPs: autodiff differentiates these.
-PLAIN = {"gelu": functools.partial(nn.gelu, approximate=False),
-         "gelu_tanh": functools.partial(nn.gelu, approximate=True),
-         "quick_gelu": lambda x: x * nn.sigmoid(1.702 * x)}
+from mmjax.models.layers import ACTIVATIONS, FORMULAS as PLAIN, Encoder
 
 
 def _inputs(dtype):

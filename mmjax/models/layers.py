@@ -63,11 +63,16 @@ def _gelu_tanh_grad(x: Array) -> Array:
   return s + x * s * nn.sigmoid(-u) * 2 * c * (1.0 + 3 * k * x * x)
 
 
+# The activations' formulas, which autodiff would differentiate keeping intermediates.
+FORMULAS: dict[str, Callable[[Array], Array]] = {
+    "gelu": functools.partial(nn.gelu, approximate=False),
+    "gelu_tanh": functools.partial(nn.gelu, approximate=True),
+    "quick_gelu": lambda x: x * nn.sigmoid(1.702 * x),
+}
+_SLOPES = {"gelu": _gelu_grad, "gelu_tanh": _gelu_tanh_grad, "quick_gelu": _quick_gelu_grad}
 # relu stays as it is: its backward already keeps only a bool mask of its input.
 ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
-    "gelu": keeps_input(functools.partial(nn.gelu, approximate=False), _gelu_grad),
-    "gelu_tanh": keeps_input(functools.partial(nn.gelu, approximate=True), _gelu_tanh_grad),
-    "quick_gelu": keeps_input(lambda x: x * nn.sigmoid(1.702 * x), _quick_gelu_grad),
+    **{name: keeps_input(fn, _SLOPES[name]) for name, fn in FORMULAS.items()},
     "relu": nn.relu,
 }
 
