@@ -17,9 +17,10 @@ run's event file whole after each write. The uploads run on one background threa
 is under way are coalesced into one more upload of the latest contents. `close` waits
 for the final upload. A failed upload is logged (file and URL) and retried with the next
 write, never raised in the train loop; if the final one fails, `close` raises
-`MetricsUploadError` naming them, as the remote copy then lacks rows. A process that
-exits without `close` (an exception out of the loop) still finishes its last upload, at
-exit. A local workdir is written in place, with no thread.
+`MetricsUploadError` naming them, as the remote copy then lacks rows. A run that fails
+closes its writer on the way out with `close_after_error` (the final upload's failure is
+logged, not raised over the run's own error); a process that exits without either still
+finishes its last upload, at exit. A local workdir is written in place, with no thread.
 """
 from __future__ import annotations
 
